@@ -1,0 +1,499 @@
+"""Shared pieces of the Stable Diffusion LoRA experiments (``Object_Generation/`` and ``Mix-of-Show/``).
+
+Everything here is experiment plumbing, not the method: the optimizers come from :func:`core.build_optimizer`.
+
+* data: :class:`ConceptDataset` (a folder of 3-20 concept images, optional ``<name>.txt`` captions, random
+  crop / flip / colour jitter) with a clear error for a missing or empty folder;
+* models: :func:`load_components` loads Stable Diffusion (hub name or local path) or builds a tiny random
+  UNet / VAE / CLIP text encoder in code (:func:`tiny_unet_config` ...) with an offline CLIP-style tokenizer
+  built from the GPT-2 BPE files (:func:`build_tiny_tokenizer`);
+* new tokens: :func:`add_concept_tokens` adds placeholder tokens, :func:`keep_original_embedding_rows` makes sure
+  only their embedding rows ever change;
+* LoRA: :func:`add_lora` (PEFT, linear and 1x1-conv targets), :func:`fuse_lora` (merge at a scale);
+* training: :class:`LoraDiffusionModel` (``forward(pixel_values, input_ids) -> loss``; ``input_ids`` of shape
+  (B, L, T) give one conditioning per cross-attention layer, as EDLoRA needs);
+* evaluation: :func:`generate` (seeded, classifier-free guidance), :func:`black_image_mask`,
+  :func:`clip_similarity` (only when a CLIP model path is given), :func:`image_grid`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "IMAGE_SUFFIXES", "ConceptDataset", "color_jitter", "build_tiny_tokenizer", "tiny_unet_config",
+    "tiny_vae_config", "tiny_text_encoder_config", "SDComponents", "load_components", "add_concept_tokens",
+    "keep_original_embedding_rows", "add_lora", "lora_layers", "fuse_lora", "tokenize", "LoraDiffusionModel",
+    "make_sampler", "generate", "black_image_mask", "to_pil", "clip_similarity", "image_grid",
+]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+# --------------------------------------------------------------------------------------------------- data
+def color_jitter(x: torch.Tensor, brightness: float, contrast: float, saturation: float,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random brightness / contrast / saturation jitter of an image ``x`` (3, H, W) in [0, 1].
+
+    Each factor is drawn uniformly from [1 - s, 1 + s] (``s = 0`` leaves that property alone), like
+    torchvision's ``ColorJitter`` without the hue term.
+    """
+    def factor(strength: float) -> float:
+        return 1.0 + (2 * torch.rand((), generator=generator).item() - 1) * strength
+
+    gray = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]).unsqueeze(0)
+    x = x * factor(brightness)
+    x = (x - gray.mean()) * factor(contrast) + gray.mean()
+    x = (x - gray) * factor(saturation) + gray
+    return x.clamp(0, 1)
+
+
+def _concept_files(folder: Path) -> list[tuple[Path, Path | None]]:
+    """(image, caption or None) pairs of a concept folder: ``<folder>/*.jpg`` with ``<stem>.txt`` beside them,
+    or the Mix-of-Show layout ``<folder>/image/*`` with ``<folder>/caption/<stem>.txt``."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"concept folder {str(folder)!r} does not exist (set concept_dir= or data_root=)")
+    image_dir, caption_dir = (folder / "image", folder / "caption") if (folder / "image").is_dir() else (folder, folder)
+    images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise ValueError(f"concept folder {str(image_dir)!r} holds no images (looked for {', '.join(IMAGE_SUFFIXES)})")
+    return [(p, (caption_dir / f"{p.stem}.txt") if (caption_dir / f"{p.stem}.txt").is_file() else None)
+            for p in images]
+
+
+class ConceptDataset(torch.utils.data.Dataset):
+    """The few images of one concept, each with its prompt, as ``{"pixel_values": (3, R, R) in [-1, 1], "prompt"}``.
+
+    Args:
+        folder: images (``.jpg``/``.png``/...) with optional captions ``<stem>.txt`` beside them (or the
+            Mix-of-Show layout ``image/`` + ``caption/``).
+        resolution: side of the square training crop.
+        prompt: one prompt for every image (DreamBooth style, e.g. ``"a photo of <s1><s2>"``); when ``None`` the
+            captions are used, with ``placeholder`` (``"<TOK>"`` in the shared captions) replaced by ``replacement``.
+        random_crop, hflip: augmentations (a centre crop without ``random_crop``).
+        jitter: (brightness, contrast, saturation) strengths for :func:`color_jitter`, or ``None``.
+        repeats: the dataset length is ``repeats x number of images`` (one epoch = that many samples).
+    """
+
+    def __init__(self, folder: str | Path, resolution: int, prompt: str | None = None, placeholder: str = "<TOK>",
+                 replacement: str = "", random_crop: bool = True, hflip: bool = True,
+                 jitter: Sequence[float] | None = None, repeats: int = 1):
+        from PIL import Image
+
+        if resolution < 8:
+            raise ValueError(f"resolution must be at least 8 pixels, got {resolution}")
+        if repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {repeats}")
+        self.folder, self.resolution, self.repeats = Path(folder), int(resolution), int(repeats)
+        self.random_crop, self.hflip, self.jitter = random_crop, hflip, (tuple(jitter) if jitter else None)
+        self.images, self.prompts = [], []
+        for image_path, caption_path in _concept_files(self.folder):
+            if prompt is None and caption_path is None:
+                raise ValueError(f"image {str(image_path)!r} has no caption file {image_path.stem}.txt; "
+                                 "give a caption per image or a fixed prompt")
+            text = prompt if prompt is not None else caption_path.read_text(encoding="utf-8").strip()
+            self.prompts.append(text.replace(placeholder, replacement) if prompt is None else text)
+            image = Image.open(image_path).convert("RGB")
+            scale = self.resolution / min(image.size)
+            size = (max(self.resolution, round(image.size[0] * scale)), max(self.resolution, round(image.size[1] * scale)))
+            pixels = torch.from_numpy(np.asarray(image.resize(size, Image.BICUBIC)).copy())
+            self.images.append(pixels.permute(2, 0, 1).float() / 255.0)
+
+    def __len__(self) -> int:
+        return len(self.images) * self.repeats
+
+    def __getitem__(self, index: int) -> dict:
+        image, prompt = self.images[index % len(self.images)], self.prompts[index % len(self.images)]
+        _, h, w = image.shape
+        r = self.resolution
+        top, left = ((random.randint(0, h - r), random.randint(0, w - r)) if self.random_crop
+                     else ((h - r) // 2, (w - r) // 2))
+        x = image[:, top:top + r, left:left + r]
+        if self.hflip and random.random() < 0.5:
+            x = x.flip(-1)
+        if self.jitter:
+            x = color_jitter(x, *self.jitter)
+        return {"pixel_values": x * 2 - 1, "prompt": prompt}
+
+
+# --------------------------------------------------------------------------------------------------- models
+def build_tiny_tokenizer(gpt2_dir: str | Path, num_merges: int = 3000, model_max_length: int = 77):
+    """A CLIP-style tokenizer (``<|startoftext|>`` ... ``<|endoftext|>``, padded with ``<|endoftext|>``) that needs
+    no download: the byte-level BPE of GPT-2 (``vocab.json`` + ``merges.txt``) cut to its first ``num_merges``
+    merges (GPT-2 token ids are ``256 + merge rank``, so the cut vocabulary is consistent), 259 + ``num_merges``
+    tokens. Only for the tiny random-init models: real runs use the checkpoint's own CLIP tokenizer."""
+    from tokenizers import pre_tokenizers
+    from tokenizers.models import BPE
+    from transformers import CLIPTokenizer
+
+    gpt2_dir = Path(gpt2_dir)
+    vocab_file, merges_file = gpt2_dir / "vocab.json", gpt2_dir / "merges.txt"
+    for f in (vocab_file, merges_file):
+        if not f.is_file():
+            raise FileNotFoundError(f"GPT-2 tokenizer file {str(f)!r} is missing (needed for the tiny tokenizer)")
+    lines = [l.rstrip("\n") for l in merges_file.read_text(encoding="utf-8").splitlines()]
+    merges = [tuple(l.split(" ")) for l in lines if l and not l.startswith("#version")]
+    if not 0 < num_merges <= len(merges):
+        raise ValueError(f"num_merges must be in 1..{len(merges)}, got {num_merges}")
+    merges = merges[:num_merges]
+    vocab = {t: i for t, i in json.loads(vocab_file.read_text(encoding="utf-8")).items() if i < 256 + num_merges}
+    vocab["<|endoftext|>"], vocab["<|startoftext|>"] = len(vocab), len(vocab) + 1
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+    # GPT-2 merges have no CLIP "</w>" word-end suffix: use GPT-2's BPE model and its "Ġ"-prefixed words.
+    tokenizer.backend_tokenizer.model = BPE(vocab=vocab, merges=merges, unk_token="<|endoftext|>", fuse_unk=False)
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.ByteLevel(add_prefix_space=True)])
+    return tokenizer
+
+
+def tiny_unet_config(sample_size: int, channels: Sequence[int] = (32, 64), cross_attention_dim: int = 32,
+                     layers_per_block: int = 1, attention_head_dim: int = 8, norm_num_groups: int = 8) -> dict:
+    """Config of a small ``UNet2DConditionModel`` with the SD-1.x layout: cross-attention in the first down block,
+    the mid block and the last up block, conv ``proj_in``/``proj_out`` (1x1) around each transformer."""
+    n = len(channels)
+    return dict(sample_size=sample_size, in_channels=4, out_channels=4, block_out_channels=tuple(channels),
+                layers_per_block=layers_per_block, cross_attention_dim=cross_attention_dim,
+                attention_head_dim=attention_head_dim, norm_num_groups=norm_num_groups, use_linear_projection=False,
+                down_block_types=("CrossAttnDownBlock2D",) + ("DownBlock2D",) * (n - 1),
+                up_block_types=("UpBlock2D",) * (n - 1) + ("CrossAttnUpBlock2D",))
+
+
+def tiny_vae_config(resolution: int, channels: Sequence[int] = (16, 32), norm_num_groups: int = 8) -> dict:
+    """Config of a small ``AutoencoderKL`` (4 latent channels, downsampling 2^(len(channels)-1))."""
+    n = len(channels)
+    return dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=tuple(channels),
+                down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+                layers_per_block=1, norm_num_groups=norm_num_groups, sample_size=resolution)
+
+
+def tiny_text_encoder_config(vocab_size: int, hidden_size: int = 32, layers: int = 2, heads: int = 4,
+                             bos_token_id: int = 0, eos_token_id: int = 1, pad_token_id: int = 1) -> dict:
+    """Config (``CLIPTextConfig`` kwargs) of a small CLIP text encoder for 77-token prompts."""
+    return dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=77,
+                bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+
+
+@dataclass
+class SDComponents:
+    """The parts of a Stable Diffusion model the experiments use."""
+
+    tokenizer: object
+    text_encoder: nn.Module
+    vae: nn.Module
+    unet: nn.Module
+    noise_scheduler: object
+
+    @property
+    def vae_scale(self) -> int:
+        """Image pixels per latent pixel."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+def load_components(pretrained: str | None, tiny: dict | None = None, gpt2_dir: str | Path | None = None,
+                    seed: int = 0) -> SDComponents:
+    """Stable Diffusion parts from ``pretrained`` (hub name or local diffusers folder with ``tokenizer/``,
+    ``text_encoder/``, ``vae/``, ``unet/``, ``scheduler/``), or, when ``pretrained`` is ``None``, a tiny random model
+    built in code from ``tiny`` = ``{"resolution", "unet_channels", "vae_channels", "text_hidden", "text_layers",
+    "num_merges"}`` with the offline tokenizer of :func:`build_tiny_tokenizer` (``gpt2_dir``)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    if pretrained:
+        local = Path(pretrained).expanduser()
+        if local.exists() and not (local / "unet").is_dir():
+            raise FileNotFoundError(f"{str(local)!r} is not a diffusers Stable Diffusion folder (no unet/ inside)")
+        name = str(local) if local.exists() else pretrained
+        return SDComponents(CLIPTokenizer.from_pretrained(name, subfolder="tokenizer"),
+                            CLIPTextModel.from_pretrained(name, subfolder="text_encoder"),
+                            AutoencoderKL.from_pretrained(name, subfolder="vae"),
+                            UNet2DConditionModel.from_pretrained(name, subfolder="unet"),
+                            DDPMScheduler.from_pretrained(name, subfolder="scheduler"))
+    if not tiny or gpt2_dir is None:
+        raise ValueError("without a pretrained model, give the tiny model sizes (tiny=...) and gpt2_dir")
+    unknown = set(tiny) - {"resolution", "unet_channels", "vae_channels", "text_hidden", "text_layers", "num_merges"}
+    if unknown:
+        raise ValueError(f"unknown tiny-model keys {sorted(unknown)}")
+    torch.manual_seed(seed)
+    tokenizer = build_tiny_tokenizer(gpt2_dir, num_merges=tiny.get("num_merges", 3000))
+    hidden = tiny.get("text_hidden", 32)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**tiny_text_encoder_config(
+        len(tokenizer), hidden, tiny.get("text_layers", 2), bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)))
+    vae_channels = tuple(tiny.get("vae_channels", (16, 32)))
+    vae = AutoencoderKL(**tiny_vae_config(tiny["resolution"], vae_channels))
+    latent = tiny["resolution"] // 2 ** (len(vae_channels) - 1)
+    unet = UNet2DConditionModel(**tiny_unet_config(latent, tuple(tiny.get("unet_channels", (32, 64))), hidden))
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    return SDComponents(tokenizer, text_encoder, vae, unet, scheduler)
+
+
+# --------------------------------------------------------------------------------------------------- new tokens
+def add_concept_tokens(tokenizer, text_encoder: nn.Module, tokens: Sequence[str],
+                       init_tokens: Sequence[str | None] | None = None, init_std: float = 0.017,
+                       trainable: bool = True) -> list[int]:
+    """Add placeholder ``tokens`` to the tokenizer and give each a new row in the text encoder's input embedding.
+
+    A row is copied from ``init_tokens[i]`` when that is a word the tokenizer encodes as a single token, otherwise
+    drawn from N(0, ``init_std``^2) (Mix-of-Show's ``<rand-0.017>``). With ``trainable`` the embedding weight is
+    made trainable (call this after :func:`add_lora`, which freezes the model, and build the optimizer after it;
+    then :func:`keep_original_embedding_rows`). Returns the new token ids, in order.
+    """
+    tokens = list(tokens)
+    init_tokens = list(init_tokens) if init_tokens is not None else [None] * len(tokens)
+    if len(init_tokens) != len(tokens):
+        raise ValueError(f"{len(tokens)} new tokens but {len(init_tokens)} initializer tokens")
+    clash = [t for t in tokens if t in tokenizer.get_vocab()]
+    if clash or len(set(tokens)) != len(tokens):
+        raise ValueError(f"new tokens must be new and distinct; already in the tokenizer or repeated: {clash or tokens}")
+    tokenizer.add_tokens(tokens)
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    weight = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        for token_id, init in zip(ids, init_tokens):
+            init_ids = tokenizer.encode(init, add_special_tokens=False) if init else []
+            if init and len(init_ids) != 1:
+                raise ValueError(f"initializer token {init!r} is {len(init_ids)} tokens, not one")
+            weight[token_id] = weight[init_ids[0]].clone() if init_ids else torch.randn_like(weight[0]) * init_std
+    weight.requires_grad_(trainable)
+    return ids
+
+
+def keep_original_embedding_rows(optimizer: torch.optim.Optimizer, embedding: nn.Embedding,
+                                 trainable_ids: Sequence[int]):
+    """Restore every row of the (trainable) ``embedding`` weight outside ``trainable_ids`` after each step of
+    ``optimizer`` (weight decay or momentum could otherwise move them), so only the new tokens learn.
+    Returns the hook handle (``.remove()`` to undo)."""
+    weight = embedding.weight
+    if not any(p is weight for group in optimizer.param_groups for p in group["params"]):
+        raise ValueError("the embedding weight is not optimized by this optimizer: make it trainable "
+                         "(add_concept_tokens(..., trainable=True)) before building the optimizer")
+    keep = torch.ones(weight.shape[0], dtype=torch.bool)
+    keep[list(trainable_ids)] = False
+    original = weight.detach()[keep].clone()
+
+    def restore(*_):
+        with torch.no_grad():
+            weight[keep.to(weight.device)] = original.to(weight.device, weight.dtype)
+
+    return optimizer.register_step_post_hook(restore)
+
+
+# --------------------------------------------------------------------------------------------------- LoRA
+def add_lora(model: nn.Module, targets: Sequence[str], rank: int, alpha: float, seed: int | None = None) -> nn.Module:
+    """Inject PEFT LoRA (``lora_A``/``lora_B``, zero-initialised ``B``) into the modules whose names end with one of
+    ``targets`` (linear layers and convolutions, e.g. SD's 1x1 ``proj_in``). Only the LoRA factors stay
+    trainable; everything else in ``model`` is frozen. The model keeps its own parameter names."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    names = [n for n, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise ValueError(f"LoRA targets {missing} match no module of {type(model).__name__}")
+    model.requires_grad_(False)
+    if seed is not None:
+        torch.manual_seed(seed)
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets)), model)
+    return model
+
+
+def lora_layers(model: nn.Module) -> list[nn.Module]:
+    """The PEFT LoRA layers of ``model``."""
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+def fuse_lora(model: nn.Module, scale: float) -> int:
+    """Merge every LoRA update into its base weight at ``scale``: W <- W + scale * (alpha / r) * B A (the
+    "LoRA fusion" of the paper's figures). NaN/inf factors are merged as they are (they make black images, which is
+    what the experiments count). Returns the number of merged layers."""
+    layers = lora_layers(model)
+    for layer in layers:
+        if layer.merged:
+            raise RuntimeError(f"LoRA layer {type(layer).__name__} is already fused")
+        layer.scale_layer(scale)
+        layer.merge(safe_merge=False)
+    return len(layers)
+
+
+# --------------------------------------------------------------------------------------------------- training
+def tokenize(tokenizer, prompts: Sequence[str]) -> torch.Tensor:
+    """(N, model_max_length) token ids, padded and truncated like Stable Diffusion's pipelines."""
+    return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+class LoraDiffusionModel(nn.Module):
+    """UNet + text encoder (with LoRA) + frozen VAE; ``forward`` is the denoising loss of Stable Diffusion training.
+
+    Parameter names start with ``unet.``, ``text_encoder.``, ``vae.``, so
+    ``core.build_optimizer(model, ..., group_overrides={"text_encoder": {...}})`` sets the text encoder apart.
+    ``input_ids`` of shape (B, T) condition every cross-attention layer on the same text; shape (B, L, T) gives
+    layer ``l`` its own prompt (EDLoRA's layer-wise embeddings, read by the attention processors of the UNet).
+    """
+
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module, vae: nn.Module, noise_scheduler,
+                 noise_offset: float = 0.0):
+        super().__init__()
+        self.unet, self.text_encoder, self.vae = unet, text_encoder, vae
+        self.noise_scheduler, self.noise_offset = noise_scheduler, noise_offset
+        self.vae.requires_grad_(False)
+
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) -> (B, T, D) or (B, L, T) -> (B, L, T, D) text-encoder hidden states."""
+        flat = input_ids.reshape(-1, input_ids.shape[-1])
+        hidden = self.text_encoder(flat)[0]
+        return hidden.reshape(*input_ids.shape, hidden.shape[-1])
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            latents = self.vae.encode(pixel_values).latent_dist.sample() * self.vae.config.scaling_factor
+        noise = torch.randn_like(latents)
+        if self.noise_offset:
+            noise = noise + self.noise_offset * torch.randn(*latents.shape[:2], 1, 1, device=latents.device)
+        steps = self.noise_scheduler.config.num_train_timesteps
+        t = torch.randint(0, steps, (latents.shape[0],), device=latents.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        prediction = self.unet(noisy, t, self.encode_text(input_ids)).sample
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, t)
+        else:
+            target = noise
+        return F.mse_loss(prediction.float(), target.float())
+
+
+# --------------------------------------------------------------------------------------------------- sampling
+def make_sampler(name: str, train_scheduler):
+    """An inference scheduler (``"ddim"``, ``"euler_ancestral"``, ``"ddpm"``) with the training noise schedule."""
+    from diffusers import DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteScheduler
+
+    classes = {"ddim": DDIMScheduler, "euler_ancestral": EulerAncestralDiscreteScheduler, "ddpm": DDPMScheduler}
+    if name not in classes:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(classes)}")
+    return classes[name].from_config(train_scheduler.config)
+
+
+@torch.no_grad()
+def generate(unet: nn.Module, vae: nn.Module, sampler, cond: torch.Tensor, uncond: torch.Tensor,
+             seeds: Sequence[int], latent_size: int, steps: int = 50, guidance_scale: float = 7.0,
+             batch_size: int = 8, progress: bool = False) -> torch.Tensor:
+    """Images (N, 3, H, W) in [0, 1] (NaN kept) for ``len(seeds)`` seeds with classifier-free guidance.
+
+    ``cond`` / ``uncond`` are the text conditionings of one prompt and of the empty prompt, (1, T, D), or
+    (1, L, T, D) for layer-wise conditioning. Each image depends only on its own seed (one generator per image).
+    """
+    from tqdm.auto import tqdm
+
+    device = next(unet.parameters()).device
+    dtype = next(unet.parameters()).dtype
+    images = []
+    for start in tqdm(range(0, len(seeds), batch_size), desc="generate", disable=not progress):
+        chunk = list(seeds)[start:start + batch_size]
+        generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in chunk]
+        latents = torch.stack([torch.randn(4, latent_size, latent_size, generator=g) for g in generators])
+        sampler.set_timesteps(steps)
+        latents = latents.to(device, dtype) * sampler.init_noise_sigma
+        context = torch.cat([uncond.expand(len(chunk), *uncond.shape[1:]), cond.expand(len(chunk), *cond.shape[1:])])
+        for t in sampler.timesteps:
+            model_in = sampler.scale_model_input(torch.cat([latents, latents]), t)
+            eps_uncond, eps_cond = unet(model_in, t, context.to(device, dtype)).sample.chunk(2)
+            eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+            latents = sampler.step(eps, t, latents, generator=generators).prev_sample
+        decoded = vae.decode(latents / vae.config.scaling_factor).sample.float().cpu()
+        images.append(torch.clamp(decoded / 2 + 0.5, 0, 1))  # clamp keeps NaN
+    return torch.cat(images)
+
+
+# --------------------------------------------------------------------------------------------------- metrics
+def black_image_mask(images: torch.Tensor, threshold: float = 0.05) -> torch.Tensor:
+    """Which images are "black": non-finite anywhere (NaN/inf, rendered black) or mean intensity below
+    ``threshold`` (images in [0, 1], shape (N, C, H, W)). Returns a bool tensor (N,)."""
+    if images.dim() != 4:
+        raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
+    finite = torch.isfinite(images).flatten(1).all(dim=1)
+    return ~finite | (torch.nan_to_num(images, nan=0.0).flatten(1).mean(dim=1) < threshold)
+
+
+def to_pil(images: torch.Tensor) -> list:
+    """PIL images of (N, 3, H, W) in [0, 1]; non-finite pixels become black."""
+    from PIL import Image
+
+    arr = (torch.nan_to_num(images, nan=0.0, posinf=0.0, neginf=0.0).clamp(0, 1) * 255).round().to(torch.uint8)
+    return [Image.fromarray(a.permute(1, 2, 0).numpy()) for a in arr]
+
+
+@torch.no_grad()
+def clip_similarity(clip_path: str | Path, images: Sequence, texts: Sequence[str], references: Sequence = ()) -> dict:
+    """Mean CLIP cosine similarity of generated ``images`` (PIL) to their ``texts`` (``clip_text``) and to the
+    concept's ``references`` images (``clip_image``), with the CLIP model at ``clip_path`` (local folder or hub
+    name usable offline). Black images are included (they lower both scores)."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    model, processor = CLIPModel.from_pretrained(str(clip_path)).eval(), CLIPProcessor.from_pretrained(str(clip_path))
+
+    def embed_images(pil):
+        pixels = processor(images=list(pil), return_tensors="pt")["pixel_values"]
+        out = model.get_image_features(pixel_values=pixels)
+        out = out if torch.is_tensor(out) else out.pooler_output
+        return F.normalize(out, dim=-1)
+
+    tokens = processor(text=list(texts), return_tensors="pt", padding=True, truncation=True)
+    text = model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+    text = F.normalize(text if torch.is_tensor(text) else text.pooler_output, dim=-1)
+    generated = embed_images(images)
+    scores = {"clip_text": (generated * text).sum(-1).mean().item()}
+    if len(references):
+        scores["clip_image"] = (generated @ embed_images(references).T).mean().item()
+    return scores
+
+
+# --------------------------------------------------------------------------------------------------- figures
+def image_grid(cells: dict[tuple[str, str], Sequence], rows: Sequence[str], cols: Sequence[str],
+               footers: dict[tuple[str, str], str] | None = None, thumb: int = 96, per_row: int | None = None,
+               title: str | None = None):
+    """One PIL figure: a panel per (row, col) label pair holding its images (tiled ``per_row`` across), the row
+    label on the left, the column label on top and ``footers[(row, col)]`` (e.g. the black-image share) printed
+    under each panel. Missing cells stay empty."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    counts = [len(v) for v in cells.values()] or [1]
+    per_row = per_row or max(1, math.ceil(math.sqrt(max(counts))))
+    lines = math.ceil(max(counts) / per_row)
+    pad, label_w, head_h, foot_h = 6, 110, 18, 18
+    title_h = 20 if title else 0
+    cell_w, cell_h = per_row * thumb, lines * thumb
+    width = label_w + len(cols) * (cell_w + pad) + pad
+    height = title_h + head_h + len(rows) * (cell_h + foot_h + pad) + pad
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((pad, 4), title, fill="black", font=font)
+    for j, col in enumerate(cols):
+        draw.text((label_w + j * (cell_w + pad) + pad, title_h + 4), str(col), fill="black", font=font)
+    for i, row in enumerate(rows):
+        y = title_h + head_h + i * (cell_h + foot_h + pad)
+        draw.text((pad, y + cell_h // 2), str(row), fill="black", font=font)
+        for j, col in enumerate(cols):
+            x = label_w + j * (cell_w + pad) + pad
+            for k, image in enumerate(cells.get((row, col), ())):
+                tile = image.resize((thumb, thumb), Image.NEAREST)
+                canvas.paste(tile, (x + (k % per_row) * thumb, y + (k // per_row) * thumb))
+            if footers and (row, col) in footers:
+                draw.text((x, y + cell_h + 3), footers[(row, col)], fill="black", font=font)
+    return canvas
