@@ -1,0 +1,235 @@
+"""The fast optimizers against the float64 reference, torch's AdamW/SGD, and their contracts."""
+
+import copy
+
+import pytest
+import torch
+
+from core import NonFiniteGradientError, ScaledAdamW, ScaledGD, build_optimizer, find_lora_pairs
+from core.reference import ReferenceScaledAdamW, ReferenceScaledGD
+from _tiny import MixedModel, tiny_peft_llama
+
+TOKENS = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(0))
+
+
+def llama_loss(model):
+    return model(input_ids=TOKENS, labels=TOKENS).loss
+
+
+def mixed_loss(model, seed=[0]):
+    x = torch.randn(8, 12, generator=torch.Generator().manual_seed(7))
+    y = torch.arange(8) % 2
+    return torch.nn.functional.cross_entropy(model(x), y)
+
+
+def run_side_by_side(model, loss_fn, fast, reference_cls, steps, **hparams):
+    """Train ``model`` with ``fast``; feed the same gradients to the reference on a copy; return both models."""
+    twin = copy.deepcopy(model)
+    pairs = find_lora_pairs(twin)
+    paired = {id(t) for p in pairs for t in (p.A, p.B)}
+    plain = [p for p in twin.parameters() if p.requires_grad and id(p) not in paired]
+    reference = reference_cls(pairs, plain, **hparams)
+    src = [p for p in model.parameters() if p.requires_grad]
+    dst = [p for p in twin.parameters() if p.requires_grad]
+    for _ in range(steps):
+        fast.zero_grad()
+        loss_fn(model).backward()
+        for s, d in zip(src, dst):
+            d.grad = s.grad.clone()
+        fast.step()
+        reference.step()
+    return src, dst
+
+
+@pytest.mark.parametrize(
+    "name, reference_cls, hparams",
+    [
+        ("scaled_adamw", ReferenceScaledAdamW, dict(lr=5e-3, betas=(0.7, 0.8), weight_decay=0.01, reg=1e-6)),
+        ("adamw", ReferenceScaledAdamW, dict(lr=5e-3, betas=(0.9, 0.999), weight_decay=0.01)),
+        ("scaled_gd", ReferenceScaledGD, dict(lr=2e-2, weight_decay=0.01, reg=1e-6)),
+        ("sgd", ReferenceScaledGD, dict(lr=5e-2, weight_decay=0.0)),
+    ],
+)
+def test_fast_matches_reference_for_many_steps_on_a_peft_model(name, reference_cls, hparams):
+    model = tiny_peft_llama()
+    fast = build_optimizer(model, name, **hparams)
+    ref_kwargs = dict(hparams, precondition=name.startswith("scaled"))
+    src, dst = run_side_by_side(model, llama_loss, fast, reference_cls, steps=40, **ref_kwargs)
+    for s, d in zip(src, dst):
+        torch.testing.assert_close(s, d, rtol=2e-4, atol=2e-5)
+    assert any(not torch.equal(s, d0) for s, d0 in zip(src, [p for p in tiny_peft_llama().parameters() if p.requires_grad]))
+
+
+def test_fast_matches_reference_with_merged_blocks_plain_params_and_no_bias_correction():
+    model = MixedModel()
+    fast = build_optimizer(model, "scaled_adamw", lr=1e-2, betas=(0.8, 0.9), weight_decay=0.1, reg=1e-4,
+                           bias_correction=False)
+    src, dst = run_side_by_side(model, mixed_loss, fast, ReferenceScaledAdamW, steps=40, lr=1e-2,
+                                betas=(0.8, 0.9), weight_decay=0.1, reg=1e-4, bias_correction=False)
+    for s, d in zip(src, dst):
+        torch.testing.assert_close(s, d, rtol=2e-4, atol=2e-5)
+
+
+def test_reg_zero_from_peft_zero_init_runs_and_matches_reference():
+    model = tiny_peft_llama(init_B=False)  # B = 0: the Gram BᵀB is singular at step 0
+    fast = build_optimizer(model, "scaled_gd", lr=0.1, reg=0.0)
+    src, dst = run_side_by_side(model, llama_loss, fast, ReferenceScaledGD, steps=5, lr=0.1, reg=0.0)
+    for s, d in zip(src, dst):
+        torch.testing.assert_close(s, d, rtol=1e-4, atol=1e-5)
+    pair = find_lora_pairs(model)[0]
+    assert pair.B.abs().sum() > 0  # B moved off zero
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_unscaled_adamw_equals_torch_adamw(fused):
+    model = MixedModel()
+    twin = copy.deepcopy(model)
+    ours = build_optimizer(model, "adamw", lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05, fused=fused)
+    theirs = torch.optim.AdamW([p for p in twin.parameters() if p.requires_grad], lr=1e-2, betas=(0.9, 0.99),
+                               eps=1e-8, weight_decay=0.05, foreach=True)
+    for _ in range(20):
+        for m, opt in ((model, ours), (twin, theirs)):
+            opt.zero_grad()
+            mixed_loss(m).backward()
+            opt.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_unscaled_sgd_equals_torch_sgd_with_momentum():
+    model = MixedModel()
+    twin = copy.deepcopy(model)
+    ours = build_optimizer(model, "sgd", lr=0.05, momentum=0.9)
+    theirs = torch.optim.SGD([p for p in twin.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+    for _ in range(15):
+        for m, opt in ((model, ours), (twin, theirs)):
+            opt.zero_grad()
+            mixed_loss(m).backward()
+            opt.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_kernel_gets_contiguous_gradients():
+    # torch 2.13's CPU fused AdamW mis-reads non-contiguous gradients; the optimizer must hand it contiguous ones.
+    w = torch.nn.Parameter(torch.randn(6, 4))
+    w_ref = torch.nn.Parameter(w.detach().clone())
+    ours = ScaledAdamW([w], lr=0.1, precondition=False, fused=True)
+    theirs = torch.optim.AdamW([w_ref], lr=0.1, foreach=False)
+    for step in range(5):
+        g = torch.randn(4, 6, generator=torch.Generator().manual_seed(step)).T  # non-contiguous
+        w.grad, w_ref.grad = g, g.clone()
+        ours.step()
+        theirs.step()
+    torch.testing.assert_close(w, w_ref, rtol=1e-6, atol=1e-6)
+
+
+def test_step_does_not_modify_grad():
+    model = tiny_peft_llama()
+    opt = build_optimizer(model, "scaled_adamw", lr=1e-3)
+    llama_loss(model).backward()
+    before = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    opt.step()
+    after = [p.grad for p in model.parameters() if p.grad is not None]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_non_finite_gradient_raises_naming_the_parameter_and_changes_nothing():
+    model = MixedModel()
+    opt = build_optimizer(model, "scaled_adamw", lr=1e-3)
+    mixed_loss(model).backward()
+    model.l2.lora_up.weight.grad[0, 0] = float("nan")
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(NonFiniteGradientError, match=r"non-finite gradient.*l2\.lora_up\.weight"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert not opt.state
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(reg=-1e-3), r"reg must be a number >= 0, got -0.001"),
+        (dict(lr=-1.0), r"lr must be a number >= 0, got -1.0"),
+        (dict(betas=(0.9, 1.5)), r"betas must be two numbers in \[0, 1\), got \(0.9, 1.5\)"),
+        (dict(betaz=0.9), r"unknown hyperparameter\(s\) \['betaz'\] for optimizer 'scaled_adamw'"),
+    ],
+)
+def test_bad_hyperparameters_are_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        build_optimizer(MixedModel(), "scaled_adamw", **kwargs)
+
+
+def test_unknown_optimizer_and_reg_for_unscaled_are_errors():
+    with pytest.raises(ValueError, match=r"unknown optimizer 'adam'; expected one of \['sgd', 'scaled_gd'"):
+        build_optimizer(MixedModel(), "adam", lr=1e-3)
+    with pytest.raises(ValueError, match=r"\['reg'\] for optimizer 'sgd'"):
+        build_optimizer(MixedModel(), "sgd", lr=1e-3, reg=1e-6)
+
+
+def test_group_overrides_give_sub_modules_their_own_lr_and_reg():
+    a, b = MixedModel(seed=0), MixedModel(seed=1)
+    opt = build_optimizer({"unet": a, "text_encoder": b}, "scaled_adamw", lr=1e-4, reg=0.0,
+                          group_overrides={"text_encoder": {"lr": 1e-2, "reg": 1e6}})
+    assert len(opt.param_groups) == 2
+    by_lr = {g["lr"]: g for g in opt.param_groups}
+    assert by_lr[1e-2]["reg"] == 1e6 and by_lr[1e-4]["reg"] == 0.0
+    assert all(n.startswith("text_encoder.") for n in by_lr[1e-2]["param_names"])
+    assert len(by_lr[1e-2]["pairs"]) == 3
+    with pytest.raises(ValueError, match="group_overrides key 'vae' matches no trainable parameter"):
+        build_optimizer({"unet": a}, "scaled_adamw", lr=1e-4, group_overrides={"vae": {"lr": 1.0}})
+
+
+def test_optimizer_classes_take_explicit_pairs():
+    model = MixedModel()
+    pairs = find_lora_pairs(model)
+    opt = ScaledGD([{"lora_pairs": pairs, "params": list(model.head.parameters())}], lr=0.1, reg=1e-4)
+    assert opt.param_groups[0]["pairs"] == [[0, 1, 1], [2, 3, 1], [4, 5, 2]]
+    opt2 = ScaledAdamW(pairs, lr=1e-3)  # a bare list of pairs is one group
+    assert len(opt2.param_groups[0]["params"]) == 6
+    with pytest.raises(ValueError, match="appear in more than one parameter group"):
+        ScaledAdamW([{"lora_pairs": pairs}, {"params": [pairs[0].A]}], lr=1e-3)
+
+
+@pytest.mark.parametrize("name", ["scaled_adamw", "scaled_gd"])
+def test_state_dict_resume_is_bit_identical(name, tmp_path):
+    hp = dict(lr=1e-2, reg=1e-6, weight_decay=0.01) | ({"momentum": 0.9} if name == "scaled_gd" else {})
+
+    def train(model, opt, steps):
+        for _ in range(steps):
+            opt.zero_grad()
+            mixed_loss(model).backward()
+            opt.step()
+
+    straight = MixedModel()
+    opt = build_optimizer(straight, name, **hp)
+    train(straight, opt, 10)
+
+    resumed = MixedModel()
+    opt_a = build_optimizer(resumed, name, **hp)
+    train(resumed, opt_a, 4)
+    torch.save({"model": resumed.state_dict(), "opt": opt_a.state_dict()}, tmp_path / "ckpt.pt")
+    fresh = MixedModel(seed=123)
+    ckpt = torch.load(tmp_path / "ckpt.pt")
+    fresh.load_state_dict(ckpt["model"])
+    opt_b = build_optimizer(fresh, name, **hp)
+    opt_b.load_state_dict(ckpt["opt"])
+    train(fresh, opt_b, 6)
+    for a, b in zip(straight.parameters(), fresh.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_parameters_train(dtype):
+    model = MixedModel().to(dtype)
+    reference = MixedModel().to(dtype)
+    opt = build_optimizer(model, "scaled_adamw", lr=1e-2, reg=1e-6)
+    x = torch.randn(8, 12).to(dtype)
+    for _ in range(5):
+        opt.zero_grad()
+        model(x).float().pow(2).mean().backward()
+        opt.step()
+    assert all(p.dtype == dtype for p in model.parameters())
+    assert all(s["exp_avg"].dtype == dtype for s in opt.state.values())
+    moved = [not torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters()) if a.requires_grad]
+    assert all(moved) and all(torch.isfinite(p).all() for p in model.parameters())
