@@ -1,0 +1,98 @@
+"""Results schema round trip, the shared training loop, seeding, data paths, and the peer optimizers."""
+
+import json
+
+import pytest
+import torch
+
+from core import (
+    RunRecorder, TrainingDiverged, build_optimizer, load_records, require_path, seed_everything, train_loop,
+)  # fmt: skip
+from _tiny import MixedModel, tiny_peft_llama
+
+X = torch.randn(16, 12, generator=torch.Generator().manual_seed(0))
+Y = torch.arange(16) % 2
+BATCHES = [(X[:8], Y[:8]), (X[8:], Y[8:])]
+
+
+def loss_fn(model, batch):
+    x, y = batch
+    return torch.nn.functional.cross_entropy(model(x), y)
+
+
+def test_recorder_round_trip(tmp_path):
+    rec = RunRecorder(tmp_path, "demo", "scaled_adamw", {"lr": 8e-4, "betas": (0.7, 0.8)}, seed=3,
+                      config={"a": {"b": 1}}, tags={"preset": "tiny"})
+    rec.log_step(1, loss=2.5, lr=8e-4, time_s=0.2)
+    rec.log_step(2, loss=float("nan"), lr=8e-4, time_s=0.4)
+    rec.log_step(3, loss=1.5, lr=8e-4, time_s=0.3)
+    rec.log_metrics(3, accuracy=0.5)
+    path = rec.finish({"BLEU": 0.61})
+    assert path == tmp_path / "demo" / "scaled_adamw_lr0.0008_seed3_preset-tiny.json"
+    (record,) = load_records(tmp_path, "demo")
+    assert record.hparams == {"lr": 8e-4, "betas": [0.7, 0.8]}
+    assert record.final_metrics == {"BLEU": 0.61} and record.step_time_s == pytest.approx(0.3)
+    assert record.steps[1]["loss"] is None and record.evals == [{"step": 3, "accuracy": 0.5}]
+    assert record.hardware["torch"] == torch.__version__ and record.tags == {"preset": "tiny"}
+
+
+def test_load_records_rejects_foreign_json(tmp_path):
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "x.json").write_text(json.dumps({"hello": 1}))
+    with pytest.raises(ValueError, match=r"x.json: not a run record \(missing \['experiment'"):
+        load_records(tmp_path)
+    with pytest.raises(FileNotFoundError, match="results folder '.*nowhere' does not exist"):
+        load_records(tmp_path / "nowhere")
+
+
+def test_train_loop_trains_and_records(tmp_path):
+    seed_everything(0)
+    model = MixedModel()
+    opt = build_optimizer(model, "scaled_adamw", lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    rec = RunRecorder(tmp_path, "demo", "scaled_adamw", {"lr": 1e-2}, seed=0)
+    losses = train_loop(model, opt, BATCHES, loss_fn, scheduler=sched, epochs=10, recorder=rec, progress=False,
+                        eval_fn=lambda step: {"loss_full": loss_fn(model, (X, Y)).item()}, eval_every=5)
+    assert len(losses) == 20 and losses[-1] < losses[0]
+    assert len(rec.record.steps) == 20 and len(rec.record.evals) == 4
+    assert all(s["opt_time_s"] <= s["time_s"] for s in rec.record.steps)
+    assert train_loop(model, opt, BATCHES, loss_fn, max_steps=3, epochs=5, progress=False).__len__() == 3
+
+
+def test_train_loop_divergence_raises_or_is_recorded(tmp_path):
+    model = MixedModel()
+    opt = build_optimizer(model, "sgd", lr=1e-2)
+    bad = [(X[:8] * float("inf"), Y[:8])]
+    with pytest.raises(TrainingDiverged, match="diverged at step 1"):
+        train_loop(model, opt, bad, loss_fn, progress=False)
+    rec = RunRecorder(tmp_path, "demo", "sgd", {"lr": 1e-2}, seed=0)
+    with pytest.warns(UserWarning, match="training diverged at step 1"):
+        losses = train_loop(model, opt, bad, loss_fn, progress=False, recorder=rec, stop_on_divergence=True)
+    assert losses == [] and rec.record.final_metrics["diverged_at_step"] == 1
+
+
+def test_seeding_and_paths(tmp_path):
+    seed_everything(5)
+    a = torch.rand(3)
+    seed_everything(5)
+    assert torch.equal(a, torch.rand(3))
+    with pytest.raises(FileNotFoundError, match="E2E data folder not found: '.*missing' does not exist"):
+        require_path(tmp_path / "missing", "E2E data folder")
+
+
+@pytest.mark.parametrize(
+    "name, hparams",
+    [("peft_riemannian", {"lr": 1e-3, "reg": 1e-4}), ("loraplus", {"lr": 1e-3, "loraplus_lr_ratio": 8.0}),
+     ("lora_rite", {"lr": 1e-3})],
+)
+def test_peer_optimizers_train_a_peft_model(name, hparams):
+    model = tiny_peft_llama(targets=("q_proj", "v_proj"), modules_to_save=["lm_head"])
+    opt = build_optimizer(model, name, **hparams)
+    tokens = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(0))
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    for _ in range(3):
+        opt.zero_grad()
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        opt.step()
+    moved = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, start[n])]
+    assert set(moved) == set(start)  # LoRA factors and the plain head all trained
