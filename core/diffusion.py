@@ -23,7 +23,7 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -34,8 +34,9 @@ from torch import nn
 __all__ = [
     "IMAGE_SUFFIXES", "ConceptDataset", "color_jitter", "build_tiny_tokenizer", "tiny_unet_config",
     "tiny_vae_config", "tiny_text_encoder_config", "SDComponents", "load_components", "add_concept_tokens",
-    "keep_original_embedding_rows", "add_lora", "lora_layers", "fuse_lora", "tokenize", "LoraDiffusionModel",
+    "keep_original_embedding_rows", "add_lora", "lora_layers", "lora_delta_norm", "fuse_lora", "tokenize", "LoraDiffusionModel",
     "make_sampler", "generate", "black_image_mask", "to_pil", "clip_similarity", "image_grid",
+    "optimizer_settings", "make_collate", "save_strip", "load_strip", "sample_and_score", "black_share_figure",
 ]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -272,21 +273,29 @@ def add_concept_tokens(tokenizer, text_encoder: nn.Module, tokens: Sequence[str]
 
 
 def keep_original_embedding_rows(optimizer: torch.optim.Optimizer, embedding: nn.Embedding,
-                                 trainable_ids: Sequence[int]):
+                                 trainable_ids: Sequence[int], freeze_at_norm: float | None = None):
     """Restore every row of the (trainable) ``embedding`` weight outside ``trainable_ids`` after each step of
     ``optimizer`` (weight decay or momentum could otherwise move them), so only the new tokens learn.
-    Returns the hook handle (``.remove()`` to undo)."""
+
+    With ``freeze_at_norm`` the new rows are frozen too once their mean L2 norm reaches it (Mix-of-Show's
+    ``emb_norm_threshold``). Returns the hook handle (``.remove()`` to undo).
+    """
     weight = embedding.weight
     if not any(p is weight for group in optimizer.param_groups for p in group["params"]):
         raise ValueError("the embedding weight is not optimized by this optimizer: make it trainable "
                          "(add_concept_tokens(..., trainable=True)) before building the optimizer")
-    keep = torch.ones(weight.shape[0], dtype=torch.bool)
-    keep[list(trainable_ids)] = False
-    original = weight.detach()[keep].clone()
+    ids = torch.as_tensor(list(trainable_ids), dtype=torch.long)
+    state = {"keep": torch.ones(weight.shape[0], dtype=torch.bool)}
+    state["keep"][ids] = False
+    state["rows"] = weight.detach()[state["keep"]].clone()
 
     def restore(*_):
         with torch.no_grad():
-            weight[keep.to(weight.device)] = original.to(weight.device, weight.dtype)
+            keep = state["keep"].to(weight.device)
+            weight[keep] = state["rows"].to(weight.device, weight.dtype)
+            if freeze_at_norm is not None and not keep.all() and weight[ids].norm(dim=-1).mean() >= freeze_at_norm:
+                state["keep"][:] = True
+                state["rows"] = weight.detach().clone()
 
     return optimizer.register_step_post_hook(restore)
 
@@ -318,6 +327,17 @@ def lora_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, LoraLayer)]
 
 
+@torch.no_grad()
+def lora_delta_norm(model: nn.Module) -> float:
+    """sqrt(sum over LoRA layers of ||(alpha / r) B A||_F^2): how far training moved ``model`` (NaN if diverged)."""
+    total = 0.0
+    for layer in lora_layers(model):
+        for adapter in layer.active_adapters:
+            if adapter in layer.lora_A:
+                total += layer.get_delta_weight(adapter).float().pow(2).sum().item()
+    return math.sqrt(total)
+
+
 def fuse_lora(model: nn.Module, scale: float) -> int:
     """Merge every LoRA update into its base weight at ``scale``: W <- W + scale * (alpha / r) * B A (the
     "LoRA fusion" of the paper's figures). NaN/inf factors are merged as they are (they make black images, which is
@@ -329,6 +349,27 @@ def fuse_lora(model: nn.Module, scale: float) -> int:
         layer.scale_layer(scale)
         layer.merge(safe_merge=False)
     return len(layers)
+
+
+def optimizer_settings(optim: dict, unet_lr: float, text_lr: float, unet_reg: float = 0.0, text_reg: float = 0.0,
+                       embedding_lr: float | None = None, text_encoder: nn.Module | None = None
+                       ) -> tuple[str, dict, dict]:
+    """``(name, hparams, group_overrides)`` for :func:`core.build_optimizer` on a :class:`LoraDiffusionModel`:
+    the UNet at ``unet_lr`` (``unet_reg``), the text encoder at ``text_lr`` (``text_reg``), and, with
+    ``embedding_lr``, the input token embedding of ``text_encoder`` at its own LR. ``optim`` is the Hydra ``optim``
+    group (``name`` plus hyperparameters); the regularisers go only to the scaled optimizers, which take ``reg``."""
+    hparams = dict(optim)
+    name = hparams.pop("name")
+    scaled = name.startswith("scaled_")
+    regs = ({"reg": float(unet_reg)}, {"reg": float(text_reg)}) if scaled else ({}, {})
+    overrides = {"text_encoder": {"lr": float(text_lr), **regs[1]}}
+    if embedding_lr is not None:
+        if text_encoder is None:
+            raise ValueError("embedding_lr needs the text_encoder (to find its token embedding)")
+        embedding = text_encoder.get_input_embeddings()
+        module = next(n for n, m in text_encoder.named_modules() if m is embedding)
+        overrides[f"text_encoder.{module}"] = {"lr": float(embedding_lr)}
+    return name, {**hparams, "lr": float(unet_lr), **regs[0]}, overrides
 
 
 # --------------------------------------------------------------------------------------------------- training
@@ -375,6 +416,14 @@ class LoraDiffusionModel(nn.Module):
         else:
             target = noise
         return F.mse_loss(prediction.float(), target.float())
+
+
+def make_collate(tokenize_prompts: Callable[[list[str]], torch.Tensor]) -> Callable[[list[dict]], dict]:
+    """DataLoader ``collate_fn`` turning :class:`ConceptDataset` items into ``{"pixel_values", "input_ids"}``."""
+    def collate(items: list[dict]) -> dict:
+        return {"pixel_values": torch.stack([i["pixel_values"] for i in items]),
+                "input_ids": tokenize_prompts([i["prompt"] for i in items])}
+    return collate
 
 
 # --------------------------------------------------------------------------------------------------- sampling
@@ -472,13 +521,17 @@ def image_grid(cells: dict[tuple[str, str], Sequence], rows: Sequence[str], cols
     from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_w = lambda text: int(measure.textlength(str(text), font=font)) + 4  # noqa: E731
     counts = [len(v) for v in cells.values()] or [1]
     per_row = per_row or max(1, math.ceil(math.sqrt(max(counts))))
-    lines = math.ceil(max(counts) / per_row)
-    pad, label_w, head_h, foot_h = 6, 110, 18, 18
+    lines = max(1, math.ceil(max(counts) / per_row))
+    pad, head_h, foot_h = 8, 18, 18
+    label_w = max(text_w(r) for r in rows) + pad
     title_h = 20 if title else 0
-    cell_w, cell_h = per_row * thumb, lines * thumb
-    width = label_w + len(cols) * (cell_w + pad) + pad
+    cell_w = max([per_row * thumb] + [text_w(c) for c in cols] + [text_w(f) for f in (footers or {}).values()])
+    cell_h = lines * thumb
+    width = max(label_w + len(cols) * (cell_w + pad) + pad, text_w(title) + 2 * pad if title else 0)
     height = title_h + head_h + len(rows) * (cell_h + foot_h + pad) + pad
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
@@ -497,3 +550,83 @@ def image_grid(cells: dict[tuple[str, str], Sequence], rows: Sequence[str], cols
             if footers and (row, col) in footers:
                 draw.text((x, y + cell_h + 3), footers[(row, col)], fill="black", font=font)
     return canvas
+
+
+def save_strip(images: Sequence, path: str | Path) -> Path:
+    """Save PIL images of one size side by side in one PNG (the samples of one run)."""
+    from PIL import Image
+
+    if not images:
+        raise ValueError("no images to save")
+    w, h = images[0].size
+    strip = Image.new("RGB", (w * len(images), h))
+    for i, image in enumerate(images):
+        strip.paste(image, (i * w, 0))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    strip.save(path)
+    return path
+
+
+def load_strip(path: str | Path) -> list:
+    """The square images of a strip written by :func:`save_strip`."""
+    from PIL import Image
+
+    strip = Image.open(path).convert("RGB")
+    side = strip.size[1]
+    return [strip.crop((i * side, 0, (i + 1) * side, side)) for i in range(strip.size[0] // side)]
+
+
+@torch.no_grad()
+def sample_and_score(model: LoraDiffusionModel, sampler, cond_ids: torch.Tensor, uncond_ids: torch.Tensor,
+                     seeds: Sequence[int], resolution: int, steps: int, guidance_scale: float,
+                     black_threshold: float = 0.05, strip_path: str | Path | None = None,
+                     clip_model: str | None = None, clip_text: str | None = None, references: Sequence = ()) -> dict:
+    """Generate one image per seed from token ids ``cond_ids`` ((T,) or (L, T) layer-wise) with the (fused) model,
+    save them as a strip and return the metrics: ``black_share``, ``black_count``, ``num_images``, the images'
+    ``mean_intensity`` and, with ``clip_model``, ``clip_text`` (against ``clip_text``) and ``clip_image``."""
+    model.eval()
+    device = next(model.unet.parameters()).device
+    cond = model.encode_text(cond_ids.unsqueeze(0).to(device))
+    uncond = model.encode_text(uncond_ids.unsqueeze(0).to(device))
+    scale = 2 ** (len(model.vae.config.block_out_channels) - 1)
+    images = generate(model.unet, model.vae, sampler, cond, uncond, seeds, resolution // scale, steps, guidance_scale,
+                      progress=True)
+    black = black_image_mask(images, black_threshold)
+    pil = to_pil(images)
+    if strip_path is not None:
+        save_strip(pil, strip_path)
+    metrics = {"black_share": black.float().mean().item(), "black_count": int(black.sum()), "num_images": len(pil),
+               "mean_intensity": torch.nan_to_num(images, nan=0.0).mean().item()}
+    if clip_model:
+        metrics.update(clip_similarity(clip_model, pil, [clip_text or ""] * len(pil), references))
+    return metrics
+
+
+def black_share_figure(records: Sequence, samples_dir: str | Path, column: Callable, column_label: Callable,
+                       out_png: str | Path, title: str, thumb: int = 64) -> Path:
+    """The LR x optimizer grid of the diffusion experiments: one panel of samples per record (rows = optimizer,
+    columns = ``column(record)`` sorted high to low, labelled ``column_label(value)``), with the black-image share
+    (and the divergence step, if any) printed under each panel. Samples are read from
+    ``samples_dir/<run_name>.png``."""
+    if not records:
+        raise ValueError(f"no run records to draw for {title!r}")
+    order = {"sgd": 0, "scaled_gd": 1, "adamw": 2, "scaled_adamw": 3}
+    rows = sorted({r.optimizer for r in records}, key=lambda o: (order.get(o, 9), o))
+    values = sorted({column(r) for r in records}, reverse=True)
+    cols = [column_label(v) for v in values]
+    cells, footers = {}, {}
+    for r in records:
+        key = (r.optimizer, column_label(column(r)))
+        strip = Path(samples_dir) / f"{r.run_name}.png"
+        cells[key] = load_strip(strip) if strip.is_file() else []
+        m = r.final_metrics
+        text = f"black {m.get('black_count', '?')}/{m.get('num_images', '?')}"
+        if m.get("diverged_at_step"):
+            text += f", diverged @{m['diverged_at_step']}"
+        footers[key] = text
+    figure = image_grid(cells, rows, cols, footers, thumb=thumb, per_row=4, title=title)
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    figure.save(out_png)
+    return out_png

@@ -4,14 +4,14 @@ For a LoRA pair ``W + B A`` with A (r x n) and B (m x r) the preconditioned grad
 
     G_A = (BᵀB + reg I_r)⁻¹ ∇A          G_B = ∇B (AAᵀ + reg I_r)⁻¹
 
-computed from A and B as they are before the step. The r x r systems are solved by Cholesky in float32 (or in the
-factors' dtype if wider), whatever the parameters' dtype, and the result is returned in float32/wider; callers
-cast back.
+computed from A and B as they are before the step. The r x r Gram matrices are factorised by Cholesky in float32 (or
+in the factors' dtype if wider), whatever the parameters' dtype, and the result is returned in float32/wider;
+callers cast back.
 
 Singular Gram matrices (``reg = 0`` and a rank-deficient factor, e.g. B = 0 at initialisation): ∇A = Bᵀ ∂L/∂(BA)
 always lies in the row space of B, so the system ``BᵀB X = ∇A`` is consistent and its minimum-norm solution
 ``(BᵀB)⁺ ∇A`` is the limit of the regularised update as reg -> 0. That is what is computed for the matrices whose
-Cholesky factorisation fails (through a float64 eigendecomposition); it is the same algorithm, not a fallback to
+Cholesky factorisation fails (through a float64 eigendecomposition; no reg is added behind the user's back); it is the same algorithm, not a fallback to
 the identity. At step 0 with B = 0 it gives G_A = 0 (= ∇A), so only B moves, exactly as with reg > 0.
 """
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 __all__ = [
-    "precondition_pair", "precondition_stacked", "precondition_A", "precondition_B", "solve_gram", "compute_dtype",
+    "precondition_pair", "precondition_stacked", "precondition_A", "precondition_B", "gram_inverse", "compute_dtype",
 ]
 
 
@@ -29,35 +29,30 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _min_norm_solve(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """``gram⁺ rhs`` for symmetric positive semi-definite ``gram`` (batched), via a float64 eigendecomposition."""
+def _pseudo_inverse_psd(gram: torch.Tensor) -> torch.Tensor:
+    """Moore-Penrose inverse of symmetric positive semi-definite ``gram`` (batched), via float64 ``eigh``."""
     evals, evecs = torch.linalg.eigh(gram.double())
     cutoff = evals.amax(dim=-1, keepdim=True).clamp_min(0) * (gram.shape[-1] * torch.finfo(gram.dtype).eps)
-    inv = torch.where(evals > cutoff, 1.0 / evals, torch.zeros_like(evals))
-    solution = evecs @ (inv.unsqueeze(-1) * (evecs.mT @ rhs.double()))
-    return solution.to(rhs.dtype)
+    inv_evals = torch.where(evals > cutoff, 1.0 / evals, torch.zeros_like(evals))
+    return ((evecs * inv_evals.unsqueeze(-2)) @ evecs.mT).to(gram.dtype)
 
 
-def solve_gram(gram: torch.Tensor, rhs: torch.Tensor, left: bool = True) -> torch.Tensor:
-    """Solve ``gram X = rhs`` (``left``) or ``X gram = rhs`` (``not left``) for batched SPD ``gram`` (..., r, r).
+def gram_inverse(gram: torch.Tensor) -> torch.Tensor:
+    """``gram⁻¹`` for a batch (..., r, r) of symmetric positive semi-definite matrices, from their Cholesky factors.
 
-    Cholesky where the matrix is positive definite; the minimum-norm solution where it is only semi-definite
-    (see the module docstring). ``rhs`` is (..., r, n) when ``left`` and (..., m, r) otherwise.
+    Matrices whose Cholesky factorisation fails (only semi-definite) get the pseudo-inverse ``gram⁺`` (see the
+    module docstring: the minimum-norm solution, the reg -> 0 limit). Forming the r x r inverse from the Cholesky
+    factor and applying it with one batched matmul is 2-3x faster than two batched triangular solves against the
+    (r x n) right-hand sides on CPU (benchmarks/optimizer_step.py), with the same float32 accuracy here.
     """
     chol, info = torch.linalg.cholesky_ex(gram)
-    if left:
-        y = torch.linalg.solve_triangular(chol, rhs, upper=False, left=True)
-        x = torch.linalg.solve_triangular(chol.mT, y, upper=True, left=True)
-    else:  # X L Lᵀ = rhs
-        y = torch.linalg.solve_triangular(chol.mT, rhs, upper=True, left=False)
-        x = torch.linalg.solve_triangular(chol, y, upper=False, left=False)
     failed = info != 0
-    if failed.any():
-        idx = failed.nonzero(as_tuple=True)
-        sub_rhs = rhs[idx] if left else rhs[idx].mT
-        sub = _min_norm_solve(gram[idx], sub_rhs)
-        x[idx] = sub if left else sub.mT
-    return x
+    if not failed.any():
+        return torch.cholesky_inverse(chol)
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    inverse = torch.cholesky_inverse(torch.where(failed[..., None, None], eye, chol))
+    inverse[failed] = _pseudo_inverse_psd(gram[failed])
+    return inverse
 
 
 def precondition_A(B: torch.Tensor, grad_A: torch.Tensor, reg: float) -> torch.Tensor:
@@ -65,7 +60,7 @@ def precondition_A(B: torch.Tensor, grad_A: torch.Tensor, reg: float) -> torch.T
     gram = B.mT @ B
     if reg:
         gram.diagonal(dim1=-2, dim2=-1).add_(reg)
-    return solve_gram(gram, grad_A, left=True).contiguous()
+    return gram_inverse(gram) @ grad_A
 
 
 def precondition_B(A: torch.Tensor, grad_B: torch.Tensor, reg: float) -> torch.Tensor:
@@ -73,7 +68,7 @@ def precondition_B(A: torch.Tensor, grad_B: torch.Tensor, reg: float) -> torch.T
     gram = A @ A.mT
     if reg:
         gram.diagonal(dim1=-2, dim2=-1).add_(reg)
-    return solve_gram(gram, grad_B, left=False).contiguous()
+    return grad_B @ gram_inverse(gram)
 
 
 def precondition_stacked(

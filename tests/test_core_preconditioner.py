@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from core.preconditioner import precondition_pair, solve_gram
+from core.preconditioner import gram_inverse, precondition_pair
 from core.reference import reference_directions
 
 
@@ -64,19 +64,22 @@ def test_singular_gram_uses_the_minimum_norm_solution_which_is_the_reg_to_zero_l
     B = torch.cat([b, 2 * b], dim=1)  # rank 1, so BᵀB (2x2) is singular
     grad_W = torch.randn(6, 5, dtype=torch.float64)
     gA = B.T @ grad_W  # lies in the row space of B, as every real ∇A does
-    G_A = solve_gram(B.T @ B, gA, left=True)
+    G_A = gram_inverse(B.T @ B) @ gA
     limit, _ = precondition_pair(torch.randn(2, 5, dtype=torch.float64), B, gA, torch.zeros(6, 2, dtype=torch.float64), reg=1e-9)
     torch.testing.assert_close(G_A, limit, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(G_A, torch.linalg.pinv(B.T @ B) @ gA)
 
 
-def test_solve_gram_right_side():
+def test_gram_inverse_handles_a_batch_mixing_definite_and_singular_matrices():
     torch.manual_seed(3)
     M = torch.randn(3, 3, dtype=torch.float64)
-    gram = M @ M.T + torch.eye(3, dtype=torch.float64)
-    rhs = torch.randn(2, 7, 3, dtype=torch.float64)
-    X = solve_gram(gram.expand(2, 3, 3), rhs, left=False)
-    torch.testing.assert_close(X @ gram, rhs)
+    definite = M @ M.T + torch.eye(3, dtype=torch.float64)
+    v = torch.randn(3, 1, dtype=torch.float64)
+    singular = v @ v.T  # rank 1
+    inverse = gram_inverse(torch.stack([definite, singular, torch.zeros(3, 3, dtype=torch.float64)]))
+    torch.testing.assert_close(inverse[0], torch.linalg.inv(definite))
+    torch.testing.assert_close(inverse[1], torch.linalg.pinv(singular))
+    assert torch.equal(inverse[2], torch.zeros(3, 3, dtype=torch.float64))
 
 
 def test_merged_blocks_are_preconditioned_separately():
