@@ -57,7 +57,7 @@ def gram_inverse(gram: torch.Tensor) -> torch.Tensor:
 
 def precondition_A(B: torch.Tensor, grad_A: torch.Tensor, reg: float) -> torch.Tensor:
     """``(BᵀB + reg I)⁻¹ ∇A`` for stacked B (P, m, r) and ∇A (P, r, n) in the compute dtype."""
-    gram = B.mT @ B
+    gram = torch.bmm(B.mT, B) if B.dim() == 3 else B.mT @ B
     if reg:
         gram.diagonal(dim1=-2, dim2=-1).add_(reg)
     return gram_inverse(gram) @ grad_A
@@ -68,7 +68,8 @@ def precondition_B(A: torch.Tensor, grad_B: torch.Tensor, reg: float) -> torch.T
     gram = A @ A.mT
     if reg:
         gram.diagonal(dim1=-2, dim2=-1).add_(reg)
-    return grad_B @ gram_inverse(gram)
+    # (Gram⁻¹ ∇Bᵀ)ᵀ: the inverse is symmetric, and a left product with the thin (r x m) side is the faster kernel
+    return (gram_inverse(gram) @ grad_B.mT).mT.contiguous()
 
 
 def precondition_stacked(
