@@ -2,6 +2,7 @@
 records written with core.RunRecorder into tmp_path)."""
 
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -40,7 +41,8 @@ def write_fixture_results(root: Path) -> Path:
     for opt, values in BLEU.items():
         for lr, bleu in zip(LRS, values):
             metrics = {"BLEU": bleu} if bleu is not None else {"BLEU": float("nan"), "diverged": True}
-            _record(root, "gpt2_e2e", opt, lr, metrics, {"preset": "smollm2_cpu"}, step_time=0.1 if opt == "lora_rite" else 0.05)
+            step_time = 0.1 if opt == "lora_rite" else 0.05
+            _record(root, "gpt2_e2e", opt, lr, metrics, {"preset": "smollm2_cpu"}, step_time=step_time)
             if opt == "scaled_adamw":  # a second seed
                 _record(root, "gpt2_e2e", opt, lr, {"BLEU": bleu + 1.0}, {"preset": "smollm2_cpu"}, seed=1)
     for opt in ("scaled_adamw", "adamw"):
@@ -96,7 +98,20 @@ def test_peers_table_numbers_and_verdict(results):
     assert "Best final BLEU: **LoRA+** (63.00 at lr 0.001)" in text
     assert "LoRA+ beats scaled AdamW (62.50) by 0.50 BLEU" in text
     assert "Most robust to the learning rate (fewest diverged rates, then smallest spread): scaled AdamW" in text
-    assert "MiniLM-L6 + LoRA on SST-2" in text and "Best final accuracy: **scaled AdamW** (0.90" in text
+    assert "MiniLM-L6 + LoRA on SST-2" in text and "Best final accuracy: **scaled AdamW** (0.900 at lr 0.001)" in text
+
+
+def test_peers_use_the_lr_sweep_and_ignore_unscored_runs(tmp_path):
+    for lr, bleu in zip(LRS, (50.0, 60.0, 55.0)):
+        _record(tmp_path, "gpt2_e2e", "adamw", lr, {"BLEU": bleu}, {"preset": "smollm2_cpu", "sweep": "lr"})
+    _record(tmp_path, "gpt2_e2e", "adamw", 2e-4, {"BLEU": 70.0}, {"preset": "smollm2_cpu", "sweep": "table1"})
+    _record(tmp_path, "gpt2_e2e", "sgd", 1e-2, {"val_loss": 2.0}, {"preset": "smollm2_cpu", "sweep": "loss_curves"})
+    text = peers_table(tmp_path)
+    assert "| AdamW | 0.001 | 60.00 | 10.00 | 0.0001 … 0.01 (3) |" in text and "SGD" not in text
+    records = load_records(tmp_path, "gpt2_e2e")
+    metric, _, sweeps = lr_sweeps(records, "gpt2_e2e")
+    assert metric == "BLEU" and len(sweeps) == 2  # the loss-curve run has no BLEU: not plotted
+    assert lr_robustness_figure(records, "gpt2_e2e", tmp_path / "lr.png").is_file()  # the table1 panel is dropped
 
 
 def test_lr_robustness_groups_by_tags_and_marks_divergence(results, tmp_path):
@@ -146,6 +161,7 @@ def test_experiment_folders_modules_are_found_and_failures_isolated(results, tmp
     (fake / "Mistral-7B").mkdir()
     (fake / "Mistral-7B" / "make_table.py").write_text("def make_table(results_dir):\n    return '| a |\\n|---|'\n")
     monkeypatch.setattr(make_figures, "REPO_ROOT", fake)
+    results = Path(shutil.copytree(results, tmp_path / "results"))
     for experiment in ("object_generation", "mix_of_show"):
         RunRecorder(results, experiment, "scaled_adamw", {"lr": 1e-4}, seed=0).finish({"score": 1.0})
     code = make_figures.main(["--results", str(results), "--out", str(tmp_path / "out")])
@@ -164,7 +180,8 @@ def test_experiment_folders_modules_are_found_and_failures_isolated(results, tmp
 
 
 def test_command_line_runs_as_a_script(tmp_path):
-    proc = subprocess.run([sys.executable, "main_figures/make_figures.py", "--results", str(tmp_path / "none"),
-                           "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    cmd = [sys.executable, "main_figures/make_figures.py", "--results", str(tmp_path / "none"), "--out",
+           str(tmp_path / "out")]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "missing" in proc.stdout and (tmp_path / "out" / "summary.md").is_file()

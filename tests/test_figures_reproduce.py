@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from main_figures.reproduce_cpu import Step, StepFailed, default_steps, main, run_steps, select_steps  # noqa: E402
 
@@ -22,7 +23,9 @@ def _steps(tmp_path):
 
 def test_default_steps_cover_theory_real_runs_and_figures():
     names = [s.name for s in default_steps()]
-    assert names[0] == "theory" and names[-1] == "figures" and {"gpt2_e2e", "glue"} <= set(names)
+    assert names[0] == "theory" and names[-1] == "figures" and {"gpt2_table1", "gpt2_lr", "glue"} <= set(names)
+    for step in default_steps():  # every script a step calls is committed in the repository
+        assert all((ROOT / f).is_file() for f in step.needs), step.needs
     assert [s.name for s in select_steps(default_steps(), "figures,theory")] == ["theory", "figures"]
     with pytest.raises(ValueError, match=r"unknown step\(s\) \['bogus'\]"):
         select_steps(default_steps(), "theory,bogus")

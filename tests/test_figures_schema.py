@@ -10,8 +10,9 @@ from core import RunRecorder, load_records
 
 def test_recorder_to_load_records_round_trip(tmp_path):
     rec = RunRecorder(
-        tmp_path, experiment="gpt2_e2e", optimizer="scaled_adamw", hparams={"lr": 8e-4, "reg": 1e-6, "betas": (0.7, 0.8)},
-        seed=110, config={"model": {"name": "tiny"}}, tags={"preset": "smollm2_cpu"},
+        tmp_path, experiment="gpt2_e2e", optimizer="scaled_adamw",
+        hparams={"lr": 8e-4, "reg": 1e-6, "betas": (0.7, 0.8)}, seed=110, config={"model": {"name": "tiny"}},
+        tags={"preset": "smollm2_cpu"},
     )  # fmt: skip
     for step in range(3):
         rec.log_step(step, loss=2.0 - step, lr=8e-4, time_s=0.1 * (step + 1))

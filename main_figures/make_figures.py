@@ -1,0 +1,256 @@
+"""Regenerate every figure and table of the paper for which results exist, and say what is missing.
+
+    python main_figures/make_figures.py [--results results] [--out main_figures/out] [--only theory,peers]
+
+Reads the run records of ``results/<experiment>/*.json`` (written by ``core.RunRecorder``) and writes PNG figures
+and Markdown tables (``.md``) to ``--out``, plus ``summary.md`` listing what was made, what is missing and the
+command that produces the missing results. The experiment folders own their tables and figures (``GPT-2/figures.py``,
+``Mistral-7B/make_table.py``, the diffusion folders' ``make_figure``); they are loaded by file path, and a missing
+module or missing results only mark that product as missing. Exit status 1 only when a product failed to build
+from existing results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import re
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python main_figures/make_figures.py` puts only main_figures/ on the path
+    sys.path.insert(0, str(ROOT))
+
+from core import REPO_ROOT  # noqa: E402
+from main_figures.lr_robustness import is_swept, lr_robustness_figure  # noqa: E402
+from main_figures.metrics import records_of  # noqa: E402
+from main_figures.peers import PEER_PRESETS, has_peer_records, peers_table  # noqa: E402
+from main_figures.theory_figures import theory_figure, theory_table  # noqa: E402
+
+# The commands that produce each experiment's results (shown when they are missing): CPU first, then paper scale.
+PRODUCERS: dict[str, str] = {
+    "theory": "python main_figures/theory.py",
+    "gpt2_e2e": "bash GPT-2/scripts/cpu_lr_sweep.sh && bash GPT-2/scripts/cpu_peers.sh "
+    "(GPU, paper scale: GPT-2/README.md)",
+    "gpt2_runtime": "bash GPT-2/scripts/runtime.sh",
+    "glue": "bash Mistral-7B/scripts/sweep_minilm_lr.sh && bash Mistral-7B/scripts/sweep_minilm_lr_sgd.sh "
+    "(GPU, paper Table 2: bash Mistral-7B/scripts/sweep_paper.sh)",
+    "object_generation": "bash Object_Generation/scripts/tiny_grid.sh "
+    "(GPU, paper: bash Object_Generation/scripts/fig1_vase.sh)",
+    "mix_of_show": "bash Mix-of-Show/scripts/tiny_grid.sh (GPU, paper: bash Mix-of-Show/scripts/fig3_edlora.sh)",
+}
+
+
+@dataclass
+class Product:
+    """One figure or table: where its code lives, what it needs, and what it writes."""
+
+    key: str  # for --only
+    title: str
+    experiments: tuple[str, ...]  # needs records of at least one of these
+    output: str  # file name under --out (.png or .md)
+    build: Callable[[Path, Path], None]  # (results_dir, out_path) -> writes out_path
+    source: str  # where the code lives (for messages)
+    produce: str | None = None  # the command that produces its results (default: PRODUCERS of its experiments)
+
+    def command(self) -> str:
+        return self.produce or " ; ".join(PRODUCERS.get(e, f"the {e} experiment") for e in self.experiments)
+
+
+@dataclass
+class Outcome:
+    product: Product
+    status: str  # "ok" | "missing" | "failed"
+    detail: str = ""
+
+
+class MissingSource(LookupError):
+    """The module or function that builds a product does not exist (yet)."""
+
+
+def load_module(path: Path, name: str):
+    """Import a module by file path (experiment folders have hyphens, so they are not packages)."""
+    if not path.is_file():
+        raise MissingSource(f"{path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path} not found")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module
+
+
+def find_function(folder: str, function: str, files: tuple[str, ...] | None = None) -> Callable:
+    """``function`` from ``folder/<file>`` (the first of ``files``), or from the first ``.py`` of the folder that
+    defines it (the diffusion folders' ``make_figure``)."""
+    base = REPO_ROOT / folder
+    candidates = [base / f for f in files] if files else sorted(base.glob("*.py"))
+    if files and not any(p.is_file() for p in candidates):
+        raise MissingSource(f"{', '.join(f'{folder}/{f}' for f in files)} not found")
+    pattern = re.compile(rf"^def {re.escape(function)}\(", re.MULTILINE)
+    for path in candidates:
+        if path.is_file() and pattern.search(path.read_text(encoding="utf-8", errors="replace")):
+            module = load_module(path, f"_mf_{re.sub(r'[^0-9A-Za-z]', '_', folder)}_{path.stem}")
+            return getattr(module, function)
+    where = ", ".join(f"{folder}/{f}" for f in files) if files else f"any {folder}/*.py"
+    raise MissingSource(f"no function {function}() in {where}")
+
+
+def _table(folder: str, files: tuple[str, ...], function: str) -> Callable[[Path, Path], None]:
+    def build(results: Path, out: Path) -> None:
+        text = find_function(folder, function, files)(results)
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{folder}: {function}() returned {type(text).__name__}, expected Markdown text")
+        out.write_text(text.rstrip() + "\n")
+
+    return build
+
+
+def _figure(folder: str, files: tuple[str, ...] | None, function: str) -> Callable[[Path, Path], None]:
+    def build(results: Path, out: Path) -> None:
+        find_function(folder, function, files)(results, out)
+        if not out.is_file():
+            raise FileNotFoundError(f"{folder}: {function}() did not write {out}")
+
+    return build
+
+
+def _theory_figure(results: Path, out: Path) -> None:
+    theory_figure(records_of(results, "theory"), out)
+
+
+def _theory_table(results: Path, out: Path) -> None:
+    out.write_text(theory_table(records_of(results, "theory")))
+
+
+def _peers(results: Path, out: Path) -> None:
+    out.write_text(peers_table(results))
+
+
+GPT2 = ("GPT-2", ("figures.py",))
+PRODUCTS: tuple[Product, ...] = (
+    Product("table1", "Table 1: GPT-2 on E2E", ("gpt2_e2e",), "table1_gpt2_e2e.md",
+            _table(*GPT2, "table1"), "GPT-2/figures.py:table1",
+            "bash GPT-2/scripts/cpu_table1.sh (GPU, paper scale: GPT-2/README.md)"),
+    Product("table2", "Table 2: GLUE (Mistral-7B / MiniLM)", ("glue",), "table2_glue.md",
+            _table("Mistral-7B", ("make_table.py",), "make_table"), "Mistral-7B/make_table.py:make_table"),
+    Product("loss_curves", "Loss curves (GPT-2 E2E)", ("gpt2_e2e",), "loss_curves_gpt2_e2e.png",
+            _figure(*GPT2, "loss_curves"), "GPT-2/figures.py:loss_curves",
+            "bash GPT-2/scripts/cpu_loss_curves.sh (GPU: bash GPT-2/scripts/e2e_loss_curves.sh)"),
+    Product("runtime", "Runtime (r=4 and r=256)", ("gpt2_runtime",), "runtime.png",
+            _figure(*GPT2, "runtime_figure"), "GPT-2/figures.py:runtime_figure"),
+    Product("object_generation", "Diffusion grid: object generation", ("object_generation",),
+            "object_generation.png", _figure("Object_Generation", None, "make_figure"),
+            "Object_Generation/*.py:make_figure"),
+    Product("mix_of_show", "Diffusion grid: Mix-of-Show", ("mix_of_show",), "mix_of_show.png",
+            _figure("Mix-of-Show", None, "make_figure"), "Mix-of-Show/*.py:make_figure"),
+    Product("theory", "Theory: iterations vs condition number", ("theory",), "theory.png", _theory_figure,
+            "main_figures/theory_figures.py:theory_figure"),
+    Product("theory_table", "Theory: iterations table", ("theory",), "theory_table.md", _theory_table,
+            "main_figures/theory_figures.py:theory_table"),
+    Product("peers", "Peers side by side (small presets)", tuple(e for e, _, _ in PEER_PRESETS), "peers.md", _peers,
+            "main_figures/peers.py:peers_table"),
+)  # fmt: skip
+
+
+SWEPT = ("gpt2_e2e", "glue", "theory")  # experiments expected to sweep the learning rate
+
+
+def lr_products(results: Path) -> list[Product]:
+    """One LR-robustness figure per experiment that sweeps the learning rate (those of :data:`SWEPT`, reported as
+    missing until they have a sweep, and any other experiment of ``results`` whose records sweep it)."""
+    present = sorted(p.name for p in results.iterdir() if p.is_dir()) if results.is_dir() else []
+    extra = [e for e in present if e not in SWEPT and is_swept(records_of(results, e), e)]
+    products = []
+    for experiment in list(SWEPT) + extra:
+
+        def build(res: Path, out: Path, experiment: str = experiment) -> None:
+            records = records_of(res, experiment)
+            if not is_swept(records, experiment):
+                raise MissingSource(
+                    f"the '{experiment}' records do not sweep the learning rate; run: "
+                    + PRODUCERS.get(experiment, "an LR sweep")
+                )
+            lr_robustness_figure(records, experiment, out)
+
+        products.append(Product(f"lr_{experiment}", f"LR robustness: {experiment}", (experiment,),
+                                f"lr_robustness_{experiment}.png", build, "main_figures/lr_robustness.py"))  # fmt: skip
+    return products
+
+
+def build_all(results: Path, out: Path, only: set[str] | None = None, log=print) -> list[Outcome]:
+    """Build every product (or those in ``only``); never raises because one experiment has no results."""
+    products = list(PRODUCTS) + lr_products(results)
+    if only:
+        known = {p.key for p in products} | {"lr"}
+        unknown = sorted(only - known)
+        if unknown:
+            raise ValueError(f"unknown product(s) {unknown} in --only; known: {sorted(known)}")
+        products = [p for p in products if p.key in only or ("lr" in only and p.key.startswith("lr_"))]
+    out.mkdir(parents=True, exist_ok=True)
+    outcomes = []
+    for product in products:
+        have = [e for e in product.experiments if records_of(results, e)]
+        if product.key == "peers" and not has_peer_records(results):
+            have = []
+        if not have:
+            detail = f"no {'/'.join(product.experiments)} results; run: {product.command()}"
+            outcomes.append(Outcome(product, "missing", detail))
+            log(f"[missing] {product.title}: {detail}")
+            continue
+        target = out / product.output
+        try:
+            product.build(results, target)
+            outcomes.append(Outcome(product, "ok", str(target)))
+        except MissingSource as err:
+            outcomes.append(Outcome(product, "missing", f"{err} ({product.source})"))
+        except Exception as err:  # noqa: BLE001 -- one broken product must not stop the others; reported below
+            detail = "".join(traceback.format_exception_only(type(err), err)).strip()
+            outcomes.append(Outcome(product, "failed", f"{detail} ({product.source})"))
+            log(traceback.format_exc())
+        log(f"[{outcomes[-1].status:>7}] {product.title}: {outcomes[-1].detail}")
+    return outcomes
+
+
+def summary_markdown(outcomes: list[Outcome], out: Path) -> str:
+    """What was built and what is missing (with the command that produces it), as Markdown."""
+    lines = ["# Figures and tables", "", "Regenerate with `python main_figures/make_figures.py`.", "",
+             "| item | status | file / what to run |", "|---|---|---|"]  # fmt: skip
+    for o in outcomes:
+        where = f"[{o.product.output}]({o.product.output})" if o.status == "ok" else o.detail.replace("|", "\\|")
+        lines.append(f"| {o.product.title} | {o.status} | {where} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", type=Path, default=REPO_ROOT / "results", help="results folder (records)")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "main_figures" / "out", help="output folder")
+    parser.add_argument("--only", default="", help="comma-separated product keys (e.g. theory,peers,lr); default all")
+    parser.add_argument("--list", action="store_true", help="list the product keys and exit")
+    args = parser.parse_args(argv)
+    if args.list:
+        for p in list(PRODUCTS) + lr_products(args.results):
+            print(f"{p.key:22s} {p.title}  ->  {p.output}")
+        return 0
+    only = {k.strip() for k in args.only.split(",") if k.strip()} or None
+    outcomes = build_all(args.results, args.out, only)
+    if not only:
+        (args.out / "summary.md").write_text(summary_markdown(outcomes, args.out))
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("ok", "missing", "failed")}
+    print(f"\n{counts['ok']} built, {counts['missing']} missing, {counts['failed']} failed -> {args.out}")
+    for o in outcomes:
+        if o.status != "ok":
+            print(f"  {o.status}: {o.product.title}: {o.detail}")
+    return 1 if counts["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
