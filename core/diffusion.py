@@ -5,8 +5,8 @@ Everything here is experiment plumbing, not the method: the optimizers come from
 * data: :class:`ConceptDataset` (a folder of 3-20 concept images, optional ``<name>.txt`` captions, random
   crop / flip / colour jitter) with a clear error for a missing or empty folder;
 * models: :func:`load_components` loads Stable Diffusion (hub name or local path) or builds a tiny random
-  UNet / VAE / CLIP text encoder in code (:func:`tiny_unet_config` ...) with an offline CLIP-style tokenizer
-  built from the GPT-2 BPE files (:func:`build_tiny_tokenizer`);
+  UNet / VAE / CLIP text encoder in code (:func:`tiny_unet_config` ...) with an offline CLIP tokenizer whose
+  small vocabulary comes from GPT-2's (:func:`build_tiny_tokenizer`);
 * new tokens: :func:`add_concept_tokens` adds placeholder tokens, :func:`keep_original_embedding_rows` makes sure
   only their embedding rows ever change;
 * LoRA: :func:`add_lora` (PEFT, linear and 1x1-conv targets), :func:`fuse_lora` (merge at a scale);
@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,10 +33,11 @@ from torch import nn
 __all__ = [
     "IMAGE_SUFFIXES", "ConceptDataset", "color_jitter", "build_tiny_tokenizer", "tiny_unet_config",
     "tiny_vae_config", "tiny_text_encoder_config", "SDComponents", "load_components", "add_concept_tokens",
-    "keep_original_embedding_rows", "add_lora", "lora_layers", "lora_delta_norm", "fuse_lora", "tokenize", "LoraDiffusionModel",
-    "make_sampler", "generate", "black_image_mask", "to_pil", "clip_similarity", "image_grid",
-    "optimizer_settings", "make_collate", "save_strip", "load_strip", "sample_and_score", "black_share_figure",
-]
+    "keep_original_embedding_rows", "add_lora", "lora_layers", "lora_delta_norm", "fuse_lora",
+    "optimizer_settings", "tokenize", "LoraDiffusionModel", "make_collate", "make_sampler", "generate",
+    "black_image_mask", "to_pil", "clip_similarity", "sample_and_score", "image_grid", "save_strip", "load_strip",
+    "black_share_figure", "records_table",
+]  # fmt: skip
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -53,18 +53,19 @@ def color_jitter(x: torch.Tensor, brightness: float, contrast: float, saturation
     def factor(strength: float) -> float:
         return 1.0 + (2 * torch.rand((), generator=generator).item() - 1) * strength
 
-    gray = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]).unsqueeze(0)
-    x = x * factor(brightness)
-    x = (x - gray.mean()) * factor(contrast) + gray.mean()
-    x = (x - gray) * factor(saturation) + gray
-    return x.clamp(0, 1)
+    def gray(image: torch.Tensor) -> torch.Tensor:
+        return (0.299 * image[0] + 0.587 * image[1] + 0.114 * image[2]).unsqueeze(0)
+
+    x = (x * factor(brightness)).clamp(0, 1)
+    x = ((x - gray(x).mean()) * factor(contrast) + gray(x).mean()).clamp(0, 1)
+    return ((x - gray(x)) * factor(saturation) + gray(x)).clamp(0, 1)
 
 
 def _concept_files(folder: Path) -> list[tuple[Path, Path | None]]:
     """(image, caption or None) pairs of a concept folder: ``<folder>/*.jpg`` with ``<stem>.txt`` beside them,
     or the Mix-of-Show layout ``<folder>/image/*`` with ``<folder>/caption/<stem>.txt``."""
     if not folder.is_dir():
-        raise FileNotFoundError(f"concept folder {str(folder)!r} does not exist (set concept_dir= or data_root=)")
+        raise FileNotFoundError(f"concept folder {str(folder)!r} does not exist (set concept.dir= or data_root=)")
     image_dir, caption_dir = (folder / "image", folder / "caption") if (folder / "image").is_dir() else (folder, folder)
     images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
@@ -107,7 +108,7 @@ class ConceptDataset(torch.utils.data.Dataset):
             self.prompts.append(text.replace(placeholder, replacement) if prompt is None else text)
             image = Image.open(image_path).convert("RGB")
             scale = self.resolution / min(image.size)
-            size = (max(self.resolution, round(image.size[0] * scale)), max(self.resolution, round(image.size[1] * scale)))
+            size = tuple(max(self.resolution, round(side * scale)) for side in image.size)
             pixels = torch.from_numpy(np.asarray(image.resize(size, Image.BICUBIC)).copy())
             self.images.append(pixels.permute(2, 0, 1).float() / 255.0)
 
@@ -129,33 +130,40 @@ class ConceptDataset(torch.utils.data.Dataset):
 
 
 # --------------------------------------------------------------------------------------------------- models
-def build_tiny_tokenizer(gpt2_dir: str | Path, num_merges: int = 3000, model_max_length: int = 77):
-    """A CLIP-style tokenizer (``<|startoftext|>`` ... ``<|endoftext|>``, padded with ``<|endoftext|>``) that needs
-    no download: the byte-level BPE of GPT-2 (``vocab.json`` + ``merges.txt``) cut to its first ``num_merges``
-    merges (GPT-2 token ids are ``256 + merge rank``, so the cut vocabulary is consistent), 259 + ``num_merges``
-    tokens. Only for the tiny random-init models: real runs use the checkpoint's own CLIP tokenizer."""
+def build_tiny_tokenizer(gpt2_dir: str | Path, num_words: int = 1000, model_max_length: int = 77):
+    """A real ``CLIPTokenizer`` (CLIP's byte-level BPE with ``</w>`` word ends, ``<|startoftext|>`` ...
+    ``<|endoftext|>``, padded with ``<|endoftext|>``) with a small vocabulary that needs no download.
+
+    The vocabulary is built deterministically from the ``num_words`` most frequent lower-case words of GPT-2's
+    vocabulary (``gpt2_dir/vocab.json``, whose ids follow merge rank): the 256 byte symbols, the same with ``</w>``,
+    and one merge per new prefix of those words; any text tokenizes (into word pieces and bytes). Only for the
+    tiny random-init models, where the segmentation does not matter: real runs use the checkpoint's own tokenizer.
+    It saves and loads like any CLIP tokenizer.
+    """
     from tokenizers import pre_tokenizers
-    from tokenizers.models import BPE
     from transformers import CLIPTokenizer
 
-    gpt2_dir = Path(gpt2_dir)
-    vocab_file, merges_file = gpt2_dir / "vocab.json", gpt2_dir / "merges.txt"
-    for f in (vocab_file, merges_file):
-        if not f.is_file():
-            raise FileNotFoundError(f"GPT-2 tokenizer file {str(f)!r} is missing (needed for the tiny tokenizer)")
-    lines = [l.rstrip("\n") for l in merges_file.read_text(encoding="utf-8").splitlines()]
-    merges = [tuple(l.split(" ")) for l in lines if l and not l.startswith("#version")]
-    if not 0 < num_merges <= len(merges):
-        raise ValueError(f"num_merges must be in 1..{len(merges)}, got {num_merges}")
-    merges = merges[:num_merges]
-    vocab = {t: i for t, i in json.loads(vocab_file.read_text(encoding="utf-8")).items() if i < 256 + num_merges}
-    vocab["<|endoftext|>"], vocab["<|startoftext|>"] = len(vocab), len(vocab) + 1
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
-    # GPT-2 merges have no CLIP "</w>" word-end suffix: use GPT-2's BPE model and its "Ġ"-prefixed words.
-    tokenizer.backend_tokenizer.model = BPE(vocab=vocab, merges=merges, unk_token="<|endoftext|>", fuse_unk=False)
-    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.ByteLevel(add_prefix_space=True)])
-    return tokenizer
+    vocab_file = Path(gpt2_dir) / "vocab.json"
+    if not vocab_file.is_file():
+        raise FileNotFoundError(f"GPT-2 vocabulary {str(vocab_file)!r} is missing (needed for the tiny tokenizer)")
+    if num_words < 1:
+        raise ValueError(f"num_words must be >= 1, got {num_words}")
+    gpt2 = json.loads(vocab_file.read_text(encoding="utf-8"))
+    words = [t[1:] for t, _ in sorted(gpt2.items(), key=lambda kv: kv[1])
+             if t.startswith("\u0120") and t[1:].isascii() and t[1:].isalpha() and t[1:].islower()][:num_words]
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet + [c + "</w>" for c in alphabet])}
+    merges = []
+    for word in words:
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        current = symbols[0]
+        for symbol in symbols[1:]:
+            if current + symbol not in vocab:
+                merges.append((current, symbol))
+                vocab[current + symbol] = len(vocab)
+            current += symbol
+    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
 
 
 def tiny_unet_config(sample_size: int, channels: Sequence[int] = (32, 64), cross_attention_dim: int = 32,
@@ -196,18 +204,13 @@ class SDComponents:
     unet: nn.Module
     noise_scheduler: object
 
-    @property
-    def vae_scale(self) -> int:
-        """Image pixels per latent pixel."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
 
 def load_components(pretrained: str | None, tiny: dict | None = None, gpt2_dir: str | Path | None = None,
                     seed: int = 0) -> SDComponents:
     """Stable Diffusion parts from ``pretrained`` (hub name or local diffusers folder with ``tokenizer/``,
     ``text_encoder/``, ``vae/``, ``unet/``, ``scheduler/``), or, when ``pretrained`` is ``None``, a tiny random model
     built in code from ``tiny`` = ``{"resolution", "unet_channels", "vae_channels", "text_hidden", "text_layers",
-    "num_merges"}`` with the offline tokenizer of :func:`build_tiny_tokenizer` (``gpt2_dir``)."""
+    "num_words"}`` with the offline tokenizer of :func:`build_tiny_tokenizer` (``gpt2_dir``)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -223,11 +226,11 @@ def load_components(pretrained: str | None, tiny: dict | None = None, gpt2_dir: 
                             DDPMScheduler.from_pretrained(name, subfolder="scheduler"))
     if not tiny or gpt2_dir is None:
         raise ValueError("without a pretrained model, give the tiny model sizes (tiny=...) and gpt2_dir")
-    unknown = set(tiny) - {"resolution", "unet_channels", "vae_channels", "text_hidden", "text_layers", "num_merges"}
+    unknown = set(tiny) - {"resolution", "unet_channels", "vae_channels", "text_hidden", "text_layers", "num_words"}
     if unknown:
         raise ValueError(f"unknown tiny-model keys {sorted(unknown)}")
     torch.manual_seed(seed)
-    tokenizer = build_tiny_tokenizer(gpt2_dir, num_merges=tiny.get("num_merges", 3000))
+    tokenizer = build_tiny_tokenizer(gpt2_dir, num_words=tiny.get("num_words", 1000))
     hidden = tiny.get("text_hidden", 32)
     text_encoder = CLIPTextModel(CLIPTextConfig(**tiny_text_encoder_config(
         len(tokenizer), hidden, tiny.get("text_layers", 2), bos_token_id=tokenizer.bos_token_id,
@@ -236,7 +239,8 @@ def load_components(pretrained: str | None, tiny: dict | None = None, gpt2_dir: 
     vae = AutoencoderKL(**tiny_vae_config(tiny["resolution"], vae_channels))
     latent = tiny["resolution"] // 2 ** (len(vae_channels) - 1)
     unet = UNet2DConditionModel(**tiny_unet_config(latent, tuple(tiny.get("unet_channels", (32, 64))), hidden))
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear")  # Stable Diffusion's training noise schedule
     return SDComponents(tokenizer, text_encoder, vae, unet, scheduler)
 
 
@@ -257,7 +261,7 @@ def add_concept_tokens(tokenizer, text_encoder: nn.Module, tokens: Sequence[str]
         raise ValueError(f"{len(tokens)} new tokens but {len(init_tokens)} initializer tokens")
     clash = [t for t in tokens if t in tokenizer.get_vocab()]
     if clash or len(set(tokens)) != len(tokens):
-        raise ValueError(f"new tokens must be new and distinct; already in the tokenizer or repeated: {clash or tokens}")
+        raise ValueError(f"new tokens must be distinct and not in the tokenizer already: {clash or tokens}")
     tokenizer.add_tokens(tokens)
     ids = tokenizer.convert_tokens_to_ids(tokens)
     text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
@@ -301,7 +305,7 @@ def keep_original_embedding_rows(optimizer: torch.optim.Optimizer, embedding: nn
 
 
 # --------------------------------------------------------------------------------------------------- LoRA
-def add_lora(model: nn.Module, targets: Sequence[str], rank: int, alpha: float, seed: int | None = None) -> nn.Module:
+def add_lora(model: nn.Module, targets: Sequence[str], rank: int, alpha: float) -> nn.Module:
     """Inject PEFT LoRA (``lora_A``/``lora_B``, zero-initialised ``B``) into the modules whose names end with one of
     ``targets`` (linear layers and convolutions, e.g. SD's 1x1 ``proj_in``). Only the LoRA factors stay
     trainable; everything else in ``model`` is frozen. The model keeps its own parameter names."""
@@ -314,8 +318,6 @@ def add_lora(model: nn.Module, targets: Sequence[str], rank: int, alpha: float, 
     if missing:
         raise ValueError(f"LoRA targets {missing} match no module of {type(model).__name__}")
     model.requires_grad_(False)
-    if seed is not None:
-        torch.manual_seed(seed)
     inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets)), model)
     return model
 
@@ -630,3 +632,14 @@ def black_share_figure(records: Sequence, samples_dir: str | Path, column: Calla
     out_png.parent.mkdir(parents=True, exist_ok=True)
     figure.save(out_png)
     return out_png
+
+
+def records_table(records: Sequence, columns: Sequence[tuple[str, Callable]]) -> str:
+    """A Markdown table with one row per record and ``columns`` = ``[(header, record -> value), ...]``
+    (floats printed with 4 significant digits)."""
+    def cell(value) -> str:
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(f(r)) for _, f in columns) + " |" for r in records]
+    return "\n".join(lines)

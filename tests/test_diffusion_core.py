@@ -64,12 +64,14 @@ def test_color_jitter_stays_in_range_and_changes_the_image():
 
 # ------------------------------------------------------------------------------------------------ tokens
 def test_tiny_tokenizer_is_clip_like(gpt2_dir):
-    tok = D.build_tiny_tokenizer(gpt2_dir, num_merges=500)
-    assert len(tok) == 256 + 500 + 2
+    tok = D.build_tiny_tokenizer(gpt2_dir, num_words=200)
+    assert 2 * 256 + 200 < len(tok) < 2 * 256 + 200 * 8
+    assert tok.tokenize("the") == ["the</w>"]  # CLIP's word-end convention
     ids = D.tokenize(tok, ["a photo of a vase"])
     assert ids.shape == (1, 77)
     assert ids[0, 0] == tok.bos_token_id and tok.eos_token_id in ids[0].tolist()
     assert ids[0, -1] == tok.pad_token_id
+    assert D.build_tiny_tokenizer(gpt2_dir, num_words=200).get_vocab() == tok.get_vocab()  # deterministic
     with pytest.raises(FileNotFoundError, match="vocab.json. is missing"):
         D.build_tiny_tokenizer(gpt2_dir / "missing")
 
@@ -83,7 +85,7 @@ def test_new_tokens_are_single_tokens_with_new_rows(sd):
     assert torch.equal(weight[: old_rows.shape[0]], old_rows)
     a_id = sd.tokenizer.encode("a", add_special_tokens=False)[0]
     assert torch.equal(weight[ids[1]], weight[a_id])  # initialised from an existing token
-    with pytest.raises(ValueError, match="already in the tokenizer"):
+    with pytest.raises(ValueError, match="not in the tokenizer already"):
         D.add_concept_tokens(sd.tokenizer, sd.text_encoder, ["<s1>"])
     with pytest.raises(ValueError, match="not one"):
         D.add_concept_tokens(sd.tokenizer, sd.text_encoder, ["<s3>"], ["a photo"])
@@ -256,7 +258,7 @@ def test_strip_roundtrip_and_figure(tmp_path):
 def test_clip_similarity_with_a_local_tiny_clip(tmp_path, gpt2_dir):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    tok = D.build_tiny_tokenizer(gpt2_dir, num_merges=300)
+    tok = D.build_tiny_tokenizer(gpt2_dir, num_words=100)
     config = CLIPConfig(
         text_config={"vocab_size": len(tok), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
                      "num_attention_heads": 2, "max_position_embeddings": 77, "bos_token_id": tok.bos_token_id,

@@ -59,7 +59,8 @@ def test_configs_compose_with_every_option(experiment):
 def test_paper_settings_are_versioned_in_the_configs():
     og = {p: _compose("object_generation", [f"paper_lr={p}"]) for p in ("lr1e-2", "lr1e-3", "lr5e-5", "lr1e-6")}
     assert {p: (c.text_lr, c.text_reg, c.fusion_scale) for p, c in og.items()} == {
-        "lr1e-2": (1e-2, 1e6, 0.7), "lr1e-3": (1e-3, 1e6, 0.67), "lr5e-5": (5e-5, 1e6, 0.7), "lr1e-6": (1e-6, 1e8, 0.67)}
+        "lr1e-2": (1e-2, 1e6, 0.7), "lr1e-3": (1e-3, 1e6, 0.67),
+        "lr5e-5": (5e-5, 1e6, 0.7), "lr1e-6": (1e-6, 1e8, 0.67)}
     assert all(c.unet_lr == 1e-4 and c.unet_reg == 0 for c in og.values())
     mos = {p: _compose("mix_of_show", [f"paper_lr={p}"]) for p in ("t5e-4_u5e-4", "t1e-5_u1e-4", "t5e-6_u5e-5")}
     assert {p: (c.text_lr, c.unet_lr, c.text_reg, c.unet_reg, c.fusion_scale) for p, c in mos.items()} == {
@@ -176,3 +177,23 @@ def test_layerwise_tokenization_and_distinct_embeddings(edlora, data_root):
     for layer in range(3):  # layer l's prompt holds layer l's token
         assert ids[layer] in batch[0, layer].tolist() and sum(i in batch[0, layer].tolist() for i in ids) == 1
     assert torch.equal(batch[1, 0], batch[1, 2])  # a prompt without the concept is the same in every layer
+
+
+def test_full_scale_loading_path_with_a_local_diffusers_folder(tmp_path, data_root):
+    """The `model.pretrained=<folder>` path of the full-scale runs, on a tiny model saved in diffusers' layout."""
+    sd = D.load_components(None, {"resolution": 32}, data_root / "gpt2-tokenizer", seed=0)
+    folder = tmp_path / "tiny-sd"
+    for part in ("tokenizer", "text_encoder", "vae", "unet"):
+        getattr(sd, part).save_pretrained(folder / part)
+    sd.noise_scheduler.save_pretrained(folder / "scheduler")
+    loaded = D.load_components(str(folder))
+    assert loaded.tokenizer("a photo of a vase").input_ids == sd.tokenizer("a photo of a vase").input_ids
+    torch.testing.assert_close(loaded.unet.conv_in.weight, sd.unet.conv_in.weight)
+    train = _load(FOLDERS["object_generation"], "train")
+    cfg = _compose("object_generation", _tiny_overrides(tmp_path, "scaled_adamw", f"model.pretrained={folder}",
+                                                        "model.tiny=null", "preset_name=local"))
+    train.main(cfg)
+    [record] = load_records(tmp_path, "object_generation")
+    assert record.tags["preset"] == "local" and record.config["model"]["pretrained"] == str(folder)
+    with pytest.raises(FileNotFoundError, match="no unet/ inside"):
+        D.load_components(str(tmp_path))

@@ -1,0 +1,81 @@
+"""Paper Figure 3 (Mix-of-Show) from the records in results/mix_of_show/: rows = optimizer, columns = the
+(text, UNet) learning-rate pair (with its reg and fusion scale), one panel of "a pencil sketch of <V>" samples per
+run and the share of black images under each panel. ``--table`` prints the records as the README's Markdown table.
+
+    python Mix-of-Show/make_figure.py                            # dog, full-scale runs if any, else tiny ones
+    python Mix-of-Show/make_figure.py --concept vase --preset tiny --out /tmp/mos.png
+    python Mix-of-Show/make_figure.py --table
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `core` without an install
+
+from core import REPO_ROOT, load_records
+from core.diffusion import black_share_figure, records_table
+
+EXPERIMENT = "mix_of_show"
+TABLE = [
+    ("optimizer", lambda r: r.optimizer), ("variant", lambda r: r.tags.get("variant", "")),
+    ("text lr", lambda r: r.hparams["text_lr"]), ("UNet lr", lambda r: r.hparams["lr"]),
+    ("reg", lambda r: r.hparams["text_reg"] if "reg" in r.hparams else "–"),
+    ("fusion", lambda r: r.hparams["fusion_scale"]), ("steps", lambda r: r.final_metrics.get("steps_done")),
+    ("final loss", lambda r: r.final_metrics.get("final_loss")),
+    ("text LoRA ‖ΔW‖", lambda r: r.final_metrics.get("text_lora_delta")),
+    ("UNet LoRA ‖ΔW‖", lambda r: r.final_metrics.get("unet_lora_delta")),
+    ("token emb. ‖Δ‖", lambda r: r.final_metrics.get("token_embedding_delta")),
+    ("token emb. norm", lambda r: r.final_metrics.get("token_embedding_norm")),
+    ("black", lambda r: f"{r.final_metrics.get('black_count')}/{r.final_metrics.get('num_images')}"),
+    ("step s", lambda r: r.step_time_s),
+]
+
+
+def select(results_dir: str | Path, concept: str, preset: str | None) -> tuple[str, list]:
+    """``(preset, records)`` of ``concept``; ``preset`` defaults to ``full`` if recorded, else ``tiny``."""
+    records = [r for r in load_records(results_dir, EXPERIMENT) if r.tags.get("concept") == concept]
+    presets = {r.tags.get("preset") for r in records}
+    preset = preset or ("full" if "full" in presets else "tiny")
+    records = [r for r in records if r.tags.get("preset") == preset]
+    if not records:
+        raise ValueError(f"no {EXPERIMENT} records for concept {concept!r}, preset {preset!r} in {results_dir} "
+                         f"(presets found: {sorted(p for p in presets if p)})")
+    return preset, records
+
+
+def make_figure(results_dir: str | Path, out_png: str | Path, concept: str = "dog", preset: str | None = None) -> Path:
+    """Draw the LR-pair x optimizer grid of ``concept`` (runs of ``preset``, ablation variants left out) from
+    ``results_dir/mix_of_show/`` into ``out_png``; returns its path."""
+    preset, records = select(results_dir, concept, preset)
+    records = [r for r in records if not r.tags.get("variant")]
+    pair = lambda r: (r.hparams["text_lr"], r.hparams["lr"])  # noqa: E731
+    settings = {pair(r): (r.hparams["text_reg"], r.hparams["fusion_scale"]) for r in records}
+
+    def label(lrs: tuple[float, float]) -> str:
+        reg, fusion = settings[lrs]
+        return f"text {lrs[0]:g} / unet {lrs[1]:g}, reg {reg:g}, fusion {fusion:g}"
+
+    steps = sorted({r.hparams.get("steps") for r in records})
+    title = (f"Mix-of-Show EDLoRA ({preset}): {concept}, {'/'.join(map(str, steps))} steps, "
+             f"'a pencil sketch of <V>'; black = all-dark or NaN images")
+    return black_share_figure(records, Path(results_dir) / EXPERIMENT / "samples", pair, label, out_png, title)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results-dir", default=str(REPO_ROOT / "results"))
+    parser.add_argument("--concept", default="dog")
+    parser.add_argument("--preset", default=None, help="full | tiny (default: full if recorded, else tiny)")
+    parser.add_argument("--out", default=None, help="default: <results-dir>/<experiment>/figure_<concept>_<preset>.png")
+    parser.add_argument("--table", action="store_true", help="print the records as a Markdown table instead")
+    args = parser.parse_args()
+    preset, records = select(args.results_dir, args.concept, args.preset)
+    if args.table:
+        records.sort(key=lambda r: (r.tags.get("variant", ""), r.optimizer, -r.hparams["text_lr"]))
+        print(records_table(records, TABLE))
+    else:
+        out = args.out or Path(args.results_dir) / EXPERIMENT / f"figure_{args.concept}_{preset}.png"
+        print(make_figure(args.results_dir, out, args.concept, preset))

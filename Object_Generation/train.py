@@ -1,0 +1,112 @@
+"""Object generation: DreamBooth-style LoRA on Stable Diffusion, UNet and CLIP text encoder trained together
+(paper Figure 1: the vase; appendix: the chair). Only the text encoder's optimizer settings change across the grid.
+
+    python Object_Generation/train.py concept=vase optim=scaled_adamw paper_lr=lr1e-2
+    python Object_Generation/train.py concept=vase optim=adamw text_lr=1e-3 text_reg=1e6 fusion_scale=0.67
+    python Object_Generation/train.py -m sweep=paper preset=tiny          # the figure's grid, CPU-sized
+    accelerate launch Object_Generation/train.py paper_lr=lr1e-3         # several GPUs
+
+Steps: load SD (or build the tiny model) -> LoRA on UNet attention + text encoder, new tokens <s1><s2> with
+trainable embedding rows -> train on the concept images with the prompt "a photo of <s1><s2>" -> fuse the LoRA at
+``fusion_scale`` -> generate one image per seed -> record the share of black images (and CLIP scores with a CLIP
+model) in ``results/object_generation/<run>.json``, the images in ``results/object_generation/samples/<run>.png``.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `core` without an install
+
+import hydra
+import torch
+from accelerate import Accelerator
+from omegaconf import DictConfig, OmegaConf
+
+from core import REPO_ROOT, RunRecorder, build_optimizer, default_data_root, require_path, seed_everything, train_loop
+from core import diffusion as D
+
+EXPERIMENT = "object_generation"
+
+
+def concept_folder(cfg: DictConfig, data_root: Path) -> Path:
+    """``concept.dir`` if given, else ``<data_root>/concepts/<concept.name>``."""
+    return Path(cfg.concept.dir) if cfg.concept.dir else data_root / "concepts" / cfg.concept.name
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    """Train one configuration, generate, record; returns the share of black images."""
+    seed_everything(cfg.seed)
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    data_root = Path(cfg.data_root) if cfg.data_root else default_data_root()
+    results_dir = REPO_ROOT / cfg.results_dir
+
+    # -- model: Stable Diffusion (or the tiny random one), LoRA on UNet + text encoder, new placeholder tokens
+    gpt2_dir = cfg.model.gpt2_dir or data_root / "gpt2-tokenizer"
+    tiny = OmegaConf.to_container(cfg.model.tiny, resolve=True) if cfg.model.tiny else None
+    sd = D.load_components(cfg.model.pretrained, tiny, gpt2_dir, seed=cfg.seed)
+    D.add_lora(sd.unet, cfg.lora.unet_targets, cfg.lora.rank, cfg.lora.alpha)
+    D.add_lora(sd.text_encoder, cfg.lora.text_targets, cfg.lora.rank, cfg.lora.alpha)
+    new_ids = D.add_concept_tokens(sd.tokenizer, sd.text_encoder, list(cfg.data.new_tokens),
+                                   init_std=cfg.data.init_std) if cfg.data.new_tokens else []
+    start_rows = sd.text_encoder.get_input_embeddings().weight[new_ids].detach().clone()
+    model = D.LoraDiffusionModel(sd.unet, sd.text_encoder, sd.vae, sd.noise_scheduler)
+
+    # -- optimizer: UNet at unet_lr/unet_reg, text encoder (LoRA and new embedding rows) at text_lr/text_reg
+    name, hparams, overrides = D.optimizer_settings(
+        OmegaConf.to_container(cfg.optim, resolve=True), cfg.unet_lr, cfg.text_lr, cfg.unet_reg, cfg.text_reg)
+    optimizer = build_optimizer(model, name, group_overrides=overrides, **hparams)
+    if new_ids:
+        D.keep_original_embedding_rows(optimizer, sd.text_encoder.get_input_embeddings(), new_ids)
+
+    # -- data: the concept images, all with the instance prompt, colour jitter
+    folder = require_path(concept_folder(cfg, data_root), f"concept folder for '{cfg.concept.name}'")
+    dataset = D.ConceptDataset(folder, cfg.data.resolution, prompt=cfg.data.instance_prompt,
+                               random_crop=cfg.data.random_crop, hflip=cfg.data.hflip, jitter=cfg.data.color_jitter)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True,
+                                         collate_fn=D.make_collate(lambda p: D.tokenize(sd.tokenizer, p)))
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+
+    # -- train
+    recorder = RunRecorder(
+        results_dir, EXPERIMENT, optimizer=name, seed=cfg.seed,
+        hparams={**hparams, "text_lr": cfg.text_lr, "text_reg": cfg.text_reg, "unet_reg": cfg.unet_reg,
+                 "fusion_scale": cfg.fusion_scale, "steps": cfg.train.steps},
+        config=OmegaConf.to_container(cfg, resolve=True),
+        tags={"preset": cfg.preset_name, "concept": cfg.concept.name, "text_lr": cfg.text_lr,
+              **({"variant": cfg.variant} if cfg.variant else {})},
+        wandb=OmegaConf.to_container(cfg.wandb) if cfg.wandb and accelerator.is_main_process else None)
+    losses = train_loop(model, optimizer, loader, lambda m, batch: m(**batch), max_steps=cfg.train.steps,
+                        epochs=math.ceil(cfg.train.steps / len(loader)), grad_clip=cfg.train.grad_clip,
+                        accelerator=accelerator, recorder=recorder, desc=f"{name} text_lr={cfg.text_lr:g}",
+                        stop_on_divergence=cfg.train.stop_on_divergence)
+
+    # -- inference: fuse LoRA at fusion_scale, one image per seed, black-image share (+ CLIP scores)
+    final = {"final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])), "steps_done": len(losses)}
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(model)
+        final.update(unet_lora_delta=D.lora_delta_norm(model.unet),
+                     text_lora_delta=D.lora_delta_norm(model.text_encoder),
+                     token_embedding_delta=(model.text_encoder.get_input_embeddings().weight[new_ids].detach()
+                                            - start_rows).norm().item())
+        D.fuse_lora(model.unet, cfg.fusion_scale)
+        D.fuse_lora(model.text_encoder, cfg.fusion_scale)
+        prompt_ids = D.tokenize(sd.tokenizer, [cfg.sample.prompt, ""])
+        final.update(D.sample_and_score(
+            model, D.make_sampler(cfg.sample.sampler, sd.noise_scheduler), prompt_ids[0], prompt_ids[1],
+            cfg.sample.seeds, cfg.data.resolution, cfg.sample.steps, cfg.sample.guidance_scale,
+            cfg.sample.black_threshold,
+            strip_path=results_dir / EXPERIMENT / "samples" / f"{recorder.record.run_name}.png",
+            clip_model=cfg.sample.clip_model, references=[D.to_pil(x[None])[0] for x in dataset.images],
+            clip_text=cfg.sample.prompt.replace(cfg.data.placeholder, cfg.concept.class_word)))
+        print(f"{recorder.finish(final)}: black images {final['black_count']}/{final['num_images']}")
+    return final.get("black_share", float("nan"))
+
+
+if __name__ == "__main__":
+    main()
