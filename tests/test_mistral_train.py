@@ -132,3 +132,30 @@ def test_table_from_records(tmp_path, tiny_mistral, glue_root):
     rows = {ln.split("|")[1].strip(): ln for ln in lines if ln.startswith("| ") and "optimizer" not in ln}
     assert set(rows) == {"adamw", "scaled_adamw"}
     assert rows["scaled_adamw"].count("–") >= 1  # no wnli run for scaled_adamw
+
+
+def test_a_non_finite_gradient_is_recorded_as_divergence(tmp_path, tiny_mistral, glue_root, monkeypatch):
+    from core import NonFiniteGradientError
+
+    build = train_mod.build_optimizer
+
+    def build_failing_on_step_2(model, **hparams):
+        optimizer = build(model, **hparams)
+
+        class FailingOnStep2(type(optimizer)):
+            calls = 0
+
+            def step(self, *args, **kwargs):
+                FailingOnStep2.calls += 1
+                if FailingOnStep2.calls == 2:
+                    raise NonFiniteGradientError("non-finite gradient (test)")
+                return super().step(*args, **kwargs)
+
+        optimizer.__class__ = FailingOnStep2
+        return optimizer
+
+    monkeypatch.setattr(train_mod, "build_optimizer", build_failing_on_step_2)
+    accuracy = train_mod.train(tiny_cfg(tmp_path, tiny_mistral, glue_root, "optim=scaled_adamw"))
+    (path,) = (tmp_path / "results" / "glue").glob("*.json")
+    final = json.loads(path.read_text())["final_metrics"]
+    assert final["diverged_at_step"] == 2 and final["steps"] == 1 and final["accuracy"] == accuracy

@@ -1,0 +1,244 @@
+"""Tables and figures of the GPT-2 / E2E experiment, from the records under ``results/`` (nothing hard-coded).
+
+* :func:`table1` -- paper Table 1: the four optimizers at their paper learning rate x the five E2E metrics;
+* :func:`lr_sweep_table` -- one metric over the learning-rate sweeps (optimizer x lr);
+* :func:`loss_curves` -- SGD vs scaled GD training loss per step at lr 1e-2, 1e-3, 1e-4;
+* :func:`runtime_figure` -- wall-clock per step of the four optimizers at r = 4 and r = 256.
+
+``main_figures/`` imports these; ``python GPT-2/figures.py [--readme GPT-2/README.md]`` prints the tables (and
+writes them into the README's results section) and writes the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(1, str(HERE.parent))
+
+from core import OPTIMIZER_NAMES, PEER_NAMES, REPO_ROOT, load_records  # noqa: E402
+
+METRICS = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
+LABELS = {"sgd": "SGD", "scaled_gd": "scaled GD", "adamw": "AdamW", "scaled_adamw": "scaled AdamW",
+          "peft_riemannian": "PEFT Riemannian", "loraplus": "LoRA+", "lora_rite": "LoRA-RITE"}
+LOSS_CURVE_LRS = (1e-2, 1e-3, 1e-4)
+
+
+def paper_lr(optimizer: str) -> float:
+    """The optimizer's paper learning rate, read from ``conf/optim/<optimizer>.yaml``."""
+    return float(OmegaConf.load(HERE / "conf" / "optim" / f"{optimizer}.yaml").lr)
+
+
+def _same(a: float, b: float) -> bool:
+    return math.isclose(float(a), float(b), rel_tol=1e-6)
+
+
+def _latest(records):
+    return max(records, key=lambda r: r.created)
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def table1(results_dir: str | Path, preset: str | None = None, sweep: str = "table1") -> str:
+    """Markdown Table 1 (one per preset found, or only ``preset``): each of the four optimizers at its paper lr.
+
+    Uses the records tagged ``sweep=<sweep>`` (records without a sweep tag count as ``table1``); per optimizer
+    and preset the newest one at the paper lr. The best value of each metric is in bold. Raises
+    ``FileNotFoundError`` when no such record exists.
+    """
+    records = [r for r in load_records(results_dir, "gpt2_e2e")
+               if r.optimizer in OPTIMIZER_NAMES and "BLEU" in r.final_metrics
+               and _same(r.hparams["lr"], paper_lr(r.optimizer)) and r.tags.get("sweep", "table1") == sweep
+               and (preset is None or r.tags.get("preset") == preset)]
+    if not records:
+        raise FileNotFoundError(f"no gpt2_e2e records (sweep={sweep}) at the paper learning rates in {results_dir}"
+                                + (f" for preset {preset!r}" if preset else ""))
+    by_preset = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        by_preset[r.tags.get("preset", "?")][r.optimizer].append(r)
+    out = []
+    for name in sorted(by_preset):
+        chosen = {opt: _latest(rs) for opt, rs in by_preset[name].items()}
+        best = {m: max(r.final_metrics[m] for r in chosen.values()) for m in METRICS}
+        first = next(iter(chosen.values()))
+        out.append(f"**{name}**: {first.final_metrics.get('test_mrs', '?')} test MRs, "
+                   f"{first.final_metrics.get('steps', '?')} training steps, seed {first.seed}\n")
+        out.append("| optimizer | lr | " + " | ".join(m.replace("_", "-") for m in METRICS) + " |")
+        out.append("|---|---|" + "---|" * len(METRICS))
+        for opt in OPTIMIZER_NAMES:
+            if opt not in chosen:
+                continue
+            r = chosen[opt]
+            cells = [f"**{_fmt(r.final_metrics[m])}**" if _same(r.final_metrics[m], best[m])
+                     else _fmt(r.final_metrics[m]) for m in METRICS]
+            out.append(f"| {LABELS[opt]} | {r.hparams['lr']:g} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def metric_of(record, metric: str):
+    """A final metric of ``record``, or ``train_loss_tail``: the mean training loss of its last 5 steps."""
+    if metric == "train_loss_tail":
+        losses = [s["loss"] for s in record.steps if s.get("loss") is not None][-5:]
+        return sum(losses) / len(losses) if losses else None
+    return record.final_metrics.get(metric)
+
+
+def lr_sweep_table(results_dir: str | Path, metric: str = "BLEU", preset: str = "smollm2_cpu",
+                   sweep: str = "lr") -> str:
+    """Markdown table of ``metric`` (see :func:`metric_of`, e.g. BLEU or valid_loss_best) per optimizer x lr.
+
+    Uses the records tagged ``sweep=<sweep>`` of ``preset``; a diverged run shows ``diverged@<step>``.
+    """
+    records = [r for r in load_records(results_dir, "gpt2_e2e")
+               if r.tags.get("sweep") == sweep and r.tags.get("preset") == preset]
+    if not records:
+        raise FileNotFoundError(f"no gpt2_e2e records with tags sweep={sweep}, preset={preset!r} in {results_dir}")
+    lrs = sorted({float(r.hparams["lr"]) for r in records})
+    cell = {(r.optimizer, float(r.hparams["lr"])): r for r in records}
+    lines = [f"| optimizer \\ lr ({metric}) | " + " | ".join(f"{lr:g}" for lr in lrs) + " |",
+             "|---|" + "---|" * len(lrs)]
+    for opt in [o for o in OPTIMIZER_NAMES + PEER_NAMES if any(k[0] == o for k in cell)]:
+        row = []
+        for lr in lrs:
+            r = cell.get((opt, lr))
+            if r is None:
+                row.append("")
+            elif "diverged_at_step" in r.final_metrics:
+                row.append(f"diverged@{r.final_metrics['diverged_at_step']}")
+            else:
+                row.append(_fmt(metric_of(r, metric)))
+        lines.append(f"| {LABELS[opt]} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def loss_curves(results_dir: str | Path, out_png: str | Path, preset: str | None = None) -> Path:
+    """Training loss vs step, SGD vs scaled GD, one panel per lr in 1e-2, 1e-3, 1e-4 (``sweep=loss_curves``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [r for r in load_records(results_dir, "gpt2_e2e")
+               if r.optimizer in ("sgd", "scaled_gd") and r.tags.get("sweep") == "loss_curves"
+               and (preset is None or r.tags.get("preset") == preset)]
+    if not records:
+        raise FileNotFoundError(f"no gpt2_e2e records tagged sweep=loss_curves in {results_dir}")
+    fig, axes = plt.subplots(1, len(LOSS_CURVE_LRS), figsize=(4 * len(LOSS_CURVE_LRS), 3.2), sharey=True)
+    for ax, lr in zip(axes, LOSS_CURVE_LRS):
+        for opt, style in (("sgd", "--"), ("scaled_gd", "-")):
+            runs = [r for r in records if r.optimizer == opt and _same(r.hparams["lr"], lr)]
+            if runs:
+                r = max(runs, key=lambda x: x.created)
+                steps = [s for s in r.steps if s.get("loss") is not None]
+                ax.plot([s["step"] for s in steps], [s["loss"] for s in steps], style, label=LABELS[opt])
+        ax.set_title(f"lr = {lr:g}")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("training loss")
+    axes[0].legend()
+    presets = sorted({r.tags.get("preset", "?") for r in records})
+    fig.suptitle(f"E2E, SGD vs scaled GD ({', '.join(presets)})")
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return out_png
+
+
+def runtime_figure(results_dir: str | Path, out_png: str | Path) -> Path:
+    """Median wall-clock per training step (bars) of each optimizer at each LoRA rank; one panel per device."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [r for r in load_records(results_dir, "gpt2_runtime") if r.step_time_s is not None]
+    if not records:
+        raise FileNotFoundError(f"no gpt2_runtime records in {results_dir}")
+    devices = sorted({r.tags.get("device", "?") for r in records})
+    fig, axes = plt.subplots(1, len(devices), figsize=(6 * len(devices), 3.5), squeeze=False)
+    for ax, device in zip(axes[0], devices):
+        recs = [r for r in records if r.tags.get("device", "?") == device]
+        ranks = sorted({int(r.tags["r"]) for r in recs})
+        opts = [o for o in OPTIMIZER_NAMES + PEER_NAMES if any(r.optimizer == o for r in recs)]
+        width = 0.8 / len(ranks)
+        for j, rank in enumerate(ranks):
+            times = []
+            for opt in opts:
+                runs = [r for r in recs if r.optimizer == opt and int(r.tags["r"]) == rank]
+                times.append(max(runs, key=lambda x: x.created).step_time_s if runs else 0.0)
+            xs = [i + (j - (len(ranks) - 1) / 2) * width for i in range(len(opts))]
+            bars = ax.bar(xs, times, width, label=f"r = {rank}")
+            ax.bar_label(bars, fmt="%.3g", fontsize=7)
+        shape = recs[0].tags
+        ax.set_xticks(range(len(opts)), [LABELS[o] for o in opts])
+        ax.set_ylabel("seconds per step")
+        ax.set_title(f"GPT-2 medium shape, {device}, batch {shape.get('batch')} x seq {shape.get('seq')}")
+        ax.legend()
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return out_png
+
+
+def results_markdown(results_dir: str | Path) -> str:
+    """The results section of GPT-2/README.md: Table 1 and the LR sweep tables, from the records."""
+    parts = ["### Table 1 (the four optimizers at their paper learning rate)\n", table1(results_dir)]
+    try:
+        parts += ["### Table 1 with a 10-step warm-up (`sweep=warmup10`)\n", table1(results_dir, sweep="warmup10")]
+    except FileNotFoundError:
+        pass
+    sections = [("lr", "BLEU", "test BLEU"), ("lr", "valid_loss_best", "best validation loss"),
+                ("loss_curves", "train_loss_tail", "training loss, mean of the last 5 steps (loss-curve runs)"),
+                ("loss_curves", "valid_loss_best", "best validation loss (loss-curve runs)")]
+    for sweep, metric, title in sections:
+        try:
+            table = lr_sweep_table(results_dir, metric, sweep=sweep)
+        except FileNotFoundError:
+            continue
+        parts += [f"### Learning-rate sweep: {title}\n", table]
+    return "\n".join(parts)
+
+
+def update_readme(readme: str | Path, results_dir: str | Path) -> None:
+    """Replace the text between the README's ``<!-- results:start -->`` and ``<!-- results:end -->`` markers."""
+    readme = Path(readme)
+    text = readme.read_text()
+    start, end = "<!-- results:start -->", "<!-- results:end -->"
+    if start not in text or end not in text:
+        raise ValueError(f"{readme} has no {start} ... {end} markers")
+    head, rest = text.split(start, 1)
+    readme.write_text(f"{head}{start}\n{results_markdown(results_dir)}\n{end}{rest.split(end, 1)[1]}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Print the GPT-2/E2E tables and write its figures.")
+    parser.add_argument("--results", type=Path, default=REPO_ROOT / "results")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "main_figures" / "out")
+    parser.add_argument("--readme", type=Path, default=None, help="also rewrite this README's results section")
+    args = parser.parse_args(argv)
+    print(results_markdown(args.results))
+    if args.readme:
+        update_readme(args.readme, args.results)
+        print("updated", args.readme)
+    for name, fn in (("gpt2_loss_curves.png", loss_curves), ("gpt2_runtime.png", runtime_figure)):
+        try:
+            print("wrote", fn(args.results, args.out / name))
+        except FileNotFoundError as err:
+            print(f"(skipped {name}: {err})")
+
+
+if __name__ == "__main__":
+    main()
