@@ -155,6 +155,22 @@ def loss_curves(results_dir: str | Path, out_png: str | Path, preset: str | None
     return out_png
 
 
+def runtime_table(results_dir: str | Path) -> str:
+    """Markdown: median seconds per training step (and per optimizer step) for each device, optimizer and rank."""
+    records = [r for r in load_records(results_dir, "gpt2_runtime") if r.step_time_s is not None]
+    if not records:
+        raise FileNotFoundError(f"no gpt2_runtime records in {results_dir}")
+    lines = ["| device | batch x seq | optimizer | r | s / step | s / optimizer step | trainable |",
+             "|---|---|---|---|---|---|---|"]
+    order = {o: i for i, o in enumerate(OPTIMIZER_NAMES + PEER_NAMES)}
+    for r in sorted(records, key=lambda x: (x.tags.get("device", "?"), int(x.tags["r"]), order[x.optimizer])):
+        t = r.tags
+        lines.append(f"| {t.get('device', '?')} | {t.get('batch')} x {t.get('seq')} | {LABELS[r.optimizer]} | {t['r']} "
+                     f"| {r.step_time_s:.3f} | {r.final_metrics['opt_time_s']:.4f} | "
+                     f"{r.final_metrics['trainable_params']:,} |")
+    return "\n".join(lines) + "\n"
+
+
 def runtime_figure(results_dir: str | Path, out_png: str | Path) -> Path:
     """Median wall-clock per training step (bars) of each optimizer at each LoRA rank; one panel per device."""
     import matplotlib
@@ -209,6 +225,10 @@ def results_markdown(results_dir: str | Path) -> str:
         except FileNotFoundError:
             continue
         parts += [f"### Learning-rate sweep: {title}\n", table]
+    try:
+        parts += ["### Runtime (GPT-2 medium shape, random weights; `runtime.py`)\n", runtime_table(results_dir)]
+    except FileNotFoundError:
+        pass
     return "\n".join(parts)
 
 

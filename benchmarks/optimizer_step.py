@@ -1,6 +1,6 @@
 """Median optimizer-step time on LoRA-shaped parameters: torch AdamW, PEFT's Riemannian wrapper, ours.
 
-    python benchmarks/optimizer_step.py [--reps 30] [--cases gpt2m_r4,gpt2m_r256,mistral_r16] [--out FILE]
+    python benchmarks/optimizer_step.py [--reps 30] [--cases gpt2m_r4,gpt2m_r256,mistral_r16] [--threads N] [--out FILE]
 
 Candidates (same parameters, same gradients, interleaved step by step so machine noise hits all alike):
   torch_adamw_foreach  torch.optim.AdamW(foreach=True) over the LoRA factors
@@ -96,8 +96,11 @@ def main(argv=None) -> str:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of " + ", ".join(CASES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, help="also write the table to this file")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     candidates = ["torch_adamw_foreach", "peft_riemannian", "adamw", "scaled_adamw"]
     baseline = "torch_adamw_foreach"

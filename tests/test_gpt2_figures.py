@@ -71,6 +71,8 @@ def test_runtime_benchmark_writes_records_and_figure(tmp_path):
         assert len(r.steps) == 2 and r.step_time_s > 0 and r.final_metrics["opt_time_s"] > 0
         assert r.final_metrics["trainable_params"] == 2 * r.tags["r"] * (16 + 16)
         assert r.hparams["lr"] == PAPER_LR[r.optimizer]
+    table = figures.runtime_table(tmp_path)
+    assert table.count("| cpu | 2 x 8 |") == 4 and "| scaled AdamW | 4 |" in table and "| 128 |" in table
     out = figures.runtime_figure(tmp_path, tmp_path / "runtime.png")
     assert out.stat().st_size > 10_000
     with pytest.raises(SystemExit):
