@@ -1,6 +1,7 @@
 """The CPU reproduction in one command: the theory experiment, the small real runs, then every figure and table.
 
-    python main_figures/reproduce_cpu.py                      # everything, in order
+    python main_figures/reproduce_cpu.py                      # the default steps, in order (~45 min, 2 cores)
+    python main_figures/reproduce_cpu.py --all                # also the peers, loss curves, runtime, SGD sweep
     python main_figures/reproduce_cpu.py --only theory,figures
     python main_figures/reproduce_cpu.py --dry-run            # print the commands only
     python main_figures/reproduce_cpu.py --list
@@ -30,30 +31,42 @@ class Step:
     title: str
     commands: list[list[str]]  # run in order from the repository root
     needs: list[str]  # repository files the commands need (a clear error when one is missing)
+    default: bool = True  # part of the plain `reproduce_cpu.py` run; the others run with --all or --only
 
 
-def _bash(*scripts: str) -> tuple[list[list[str]], list[str]]:
-    return [["bash", s] for s in scripts], list(scripts)
+def _bash(*scripts: str, extra: tuple[str, ...] = ()) -> tuple[list[list[str]], list[str]]:
+    return [["bash", s, *extra] for s in scripts], list(scripts)
 
 
 def default_steps(python: str = sys.executable) -> list[Step]:
     """The reproduction: theory, the small real runs of GPT-2/ (SmolLM2 on E2E) and Mistral-7B/ (MiniLM on SST-2)
-    through their committed sweep scripts, the runtime benchmark, then every figure and table."""
+    through their committed sweep scripts, then every figure and table. The default steps take about 45 minutes
+    on two cores; the peers, the loss curves, the runtime case and the SGD sweep add about an hour more."""
     return [
         Step("theory", "theory experiment: GD vs scaled GD (and AdamW vs scaled AdamW) across condition numbers",
              [[python, "main_figures/theory.py"]], ["main_figures/theory.py"]),
         Step("gpt2_table1", "SmolLM2-135M on E2E, Table 1: the four optimizers at their paper learning rates",
              *_bash("GPT-2/scripts/cpu_table1.sh")),
-        Step("gpt2_lr", "SmolLM2-135M on E2E: LR sweeps of AdamW, scaled AdamW and the peers",
-             *_bash("GPT-2/scripts/cpu_lr_sweep.sh", "GPT-2/scripts/cpu_peers.sh")),
-        Step("gpt2_loss_curves", "SmolLM2-135M on E2E: SGD vs scaled GD training-loss curves",
-             *_bash("GPT-2/scripts/cpu_loss_curves.sh")),
-        Step("gpt2_runtime", "runtime per step at LoRA rank 4 and 256 (GPT-2 medium shape, random weights)",
-             *_bash("GPT-2/scripts/runtime.sh")),
-        Step("glue", "MiniLM-L6 on SST-2: LR sweeps of the paper's optimizers and the peers",
-             *_bash("Mistral-7B/scripts/sweep_minilm_lr.sh", "Mistral-7B/scripts/sweep_minilm_lr_sgd.sh")),
+        Step("gpt2_lr", "SmolLM2-135M on E2E: LR sweep of AdamW vs scaled AdamW (1e-5 to 1e-2)",
+             *_bash("GPT-2/scripts/cpu_lr_sweep.sh")),
+        Step("glue", "MiniLM-L6 on SST-2: LR sweep of AdamW vs scaled AdamW (1e-5 to 1e-2), SGD and scaled GD tuned",
+             [["bash", "Mistral-7B/scripts/sweep_minilm_lr.sh", "optim=adamw,scaled_adamw"],
+              ["bash", "Mistral-7B/scripts/minilm_sst2_sgd.sh"], ["bash", "Mistral-7B/scripts/minilm_sst2_scaled_gd.sh"]],
+             ["Mistral-7B/scripts/sweep_minilm_lr.sh", "Mistral-7B/scripts/minilm_sst2_sgd.sh",
+              "Mistral-7B/scripts/minilm_sst2_scaled_gd.sh"]),
         Step("figures", "every figure and table from results/ into main_figures/out/",
              [[python, "main_figures/make_figures.py"]], ["main_figures/make_figures.py"]),
+        Step("gpt2_peers", "SmolLM2-135M on E2E: LR sweep of the peers (PEFT Riemannian, LoRA+, LoRA-RITE)",
+             *_bash("GPT-2/scripts/cpu_peers.sh"), default=False),
+        Step("gpt2_loss_curves", "SmolLM2-135M on E2E: SGD vs scaled GD training-loss curves",
+             *_bash("GPT-2/scripts/cpu_loss_curves.sh"), default=False),
+        Step("gpt2_runtime", "runtime per step at LoRA rank 4 and 256 (GPT-2 medium shape, random weights)",
+             *_bash("GPT-2/scripts/runtime.sh"), default=False),
+        Step("glue_peers", "MiniLM-L6 on SST-2: LR sweep of the peers",
+             *_bash("Mistral-7B/scripts/sweep_minilm_lr.sh", extra=("optim=peft_riemannian,loraplus,lora_rite",)),
+             default=False),
+        Step("glue_sgd", "MiniLM-L6 on SST-2: LR sweep of SGD vs scaled GD",
+             *_bash("Mistral-7B/scripts/sweep_minilm_lr_sgd.sh"), default=False),
     ]  # fmt: skip
 
 
@@ -67,16 +80,19 @@ class StepFailed(RuntimeError):
         )
 
 
-def select_steps(steps: list[Step], only: str | None) -> list[Step]:
-    """The steps named in the comma-separated ``only`` (all when empty), in the reproduction's order."""
+def select_steps(steps: list[Step], only: str | None, run_all: bool = False) -> list[Step]:
+    """The steps named in the comma-separated ``only`` (else the default steps, or all with ``run_all``), in the
+    reproduction's order; figures always come last."""
     if not only:
-        return steps
-    wanted = [w.strip() for w in only.split(",") if w.strip()]
-    names = [s.name for s in steps]
-    unknown = [w for w in wanted if w not in names]
-    if unknown:
-        raise ValueError(f"unknown step(s) {unknown} in --only; the steps are {names}")
-    return [s for s in steps if s.name in wanted]
+        chosen = [s for s in steps if run_all or s.default]
+    else:
+        wanted = [w.strip() for w in only.split(",") if w.strip()]
+        names = [s.name for s in steps]
+        unknown = [w for w in wanted if w not in names]
+        if unknown:
+            raise ValueError(f"unknown step(s) {unknown} in --only; the steps are {names}")
+        chosen = [s for s in steps if s.name in wanted]
+    return [s for s in chosen if s.name != "figures"] + [s for s in chosen if s.name == "figures"]
 
 
 def _fmt_time(seconds: float) -> str:
@@ -115,17 +131,18 @@ def run_steps(steps: list[Step], *, dry_run: bool = False, root: Path = ROOT, ou
 
 def main(argv: list[str] | None = None, steps: list[Step] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", default="", help="comma-separated steps to run (default: all), e.g. theory,figures")
+    parser.add_argument("--only", default="", help="comma-separated steps to run, e.g. theory,figures")
+    parser.add_argument("--all", action="store_true", help="run every step, the optional ones too")
     parser.add_argument("--dry-run", action="store_true", help="print the commands without running them")
     parser.add_argument("--list", action="store_true", help="list the steps and exit")
     args = parser.parse_args(argv)
     steps = default_steps() if steps is None else steps
     if args.list:
         for s in steps:
-            print(f"{s.name:10s} {s.title}")
+            print(f"{s.name:17s} {'' if s.default else '(optional) '}{s.title}")
         return 0
     try:
-        selected = select_steps(steps, args.only)
+        selected = select_steps(steps, args.only, args.all)
     except ValueError as err:
         parser.error(str(err))
     try:
