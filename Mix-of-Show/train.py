@@ -45,11 +45,7 @@ def main(cfg: DictConfig) -> float:
     results_dir = REPO_ROOT / cfg.results_dir
 
     # -- model: ChilloutMix (or the tiny random one), LoRA, one new token per concept token and cross-attention layer
-    gpt2_dir = cfg.model.gpt2_dir or data_root / "gpt2-tokenizer"
-    tiny = OmegaConf.to_container(cfg.model.tiny, resolve=True) if cfg.model.tiny else None
-    sd = D.load_components(cfg.model.pretrained, tiny, gpt2_dir, seed=cfg.seed)
-    D.add_lora(sd.unet, cfg.lora.unet_targets, cfg.lora.rank, cfg.lora.alpha)
-    D.add_lora(sd.text_encoder, cfg.lora.text_targets, cfg.lora.rank, cfg.lora.alpha)
+    sd = D.load_lora_components(cfg, data_root)
     concept_tokens = list(cfg.data.concept_tokens)
     num_layers = edlora.enable_layerwise_conditioning(sd.unet)
     per_layer = edlora.layer_tokens(concept_tokens, num_layers)

@@ -47,11 +47,7 @@ def main(cfg: DictConfig) -> float:
     results_dir = REPO_ROOT / cfg.results_dir
 
     # -- model: Stable Diffusion (or the tiny random one), LoRA on UNet + text encoder, new placeholder tokens
-    gpt2_dir = cfg.model.gpt2_dir or data_root / "gpt2-tokenizer"
-    tiny = OmegaConf.to_container(cfg.model.tiny, resolve=True) if cfg.model.tiny else None
-    sd = D.load_components(cfg.model.pretrained, tiny, gpt2_dir, seed=cfg.seed)
-    D.add_lora(sd.unet, cfg.lora.unet_targets, cfg.lora.rank, cfg.lora.alpha)
-    D.add_lora(sd.text_encoder, cfg.lora.text_targets, cfg.lora.rank, cfg.lora.alpha)
+    sd = D.load_lora_components(cfg, data_root)
     new_ids = D.add_concept_tokens(sd.tokenizer, sd.text_encoder, list(cfg.data.new_tokens),
                                    init_std=cfg.data.init_std) if cfg.data.new_tokens else []
     start_rows = sd.text_encoder.get_input_embeddings().weight[new_ids].detach().clone()

@@ -245,6 +245,19 @@ def load_components(pretrained: str | None, tiny: dict | None = None, gpt2_dir: 
 
 
 # --------------------------------------------------------------------------------------------------- new tokens
+def load_lora_components(cfg, data_root: str | Path) -> SDComponents:
+    """The components an experiment config names (``cfg.model``: ``pretrained`` or ``tiny``, ``gpt2_dir``; seeded by
+    ``cfg.seed``) with LoRA on the UNet and the text encoder (``cfg.lora``: targets, ``rank``, ``alpha``)."""
+    from omegaconf import OmegaConf
+
+    gpt2_dir = cfg.model.gpt2_dir or Path(data_root) / "gpt2-tokenizer"
+    tiny = OmegaConf.to_container(cfg.model.tiny, resolve=True) if cfg.model.tiny else None
+    sd = load_components(cfg.model.pretrained, tiny, gpt2_dir, seed=cfg.seed)
+    add_lora(sd.unet, cfg.lora.unet_targets, cfg.lora.rank, cfg.lora.alpha)
+    add_lora(sd.text_encoder, cfg.lora.text_targets, cfg.lora.rank, cfg.lora.alpha)
+    return sd
+
+
 def add_concept_tokens(tokenizer, text_encoder: nn.Module, tokens: Sequence[str],
                        init_tokens: Sequence[str | None] | None = None, init_std: float = 0.017,
                        trainable: bool = True) -> list[int]:

@@ -80,34 +80,30 @@ def test_reg_zero_from_peft_zero_init_runs_and_matches_reference():
     assert pair.B.abs().sum() > 0  # B moved off zero
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_unscaled_adamw_equals_torch_adamw(fused):
+def assert_same_training(name, torch_cls, steps, ours_kwargs, torch_kwargs):
+    """Train a model with core's optimizer ``name`` and a copy with ``torch_cls``; the parameters must agree."""
     model = MixedModel()
     twin = copy.deepcopy(model)
-    ours = build_optimizer(model, "adamw", lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05, fused=fused)
-    theirs = torch.optim.AdamW([p for p in twin.parameters() if p.requires_grad], lr=1e-2, betas=(0.9, 0.99),
-                               eps=1e-8, weight_decay=0.05, foreach=True)
-    for _ in range(20):
+    ours = build_optimizer(model, name, **ours_kwargs)
+    theirs = torch_cls([p for p in twin.parameters() if p.requires_grad], **torch_kwargs)
+    for _ in range(steps):
         for m, opt in ((model, ours), (twin, theirs)):
             opt.zero_grad()
             mixed_loss(m).backward()
             opt.step()
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_unscaled_adamw_equals_torch_adamw(fused):
+    hp = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05)
+    assert_same_training("adamw", torch.optim.AdamW, 20, dict(hp, fused=fused), dict(hp, foreach=True))
 
 
 def test_unscaled_sgd_equals_torch_sgd_with_momentum():
-    model = MixedModel()
-    twin = copy.deepcopy(model)
-    ours = build_optimizer(model, "sgd", lr=0.05, momentum=0.9)
-    theirs = torch.optim.SGD([p for p in twin.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
-    for _ in range(15):
-        for m, opt in ((model, ours), (twin, theirs)):
-            opt.zero_grad()
-            mixed_loss(m).backward()
-            opt.step()
-    for a, b in zip(model.parameters(), twin.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    hp = dict(lr=0.05, momentum=0.9)
+    assert_same_training("sgd", torch.optim.SGD, 15, hp, hp)
 
 
 def test_fused_kernel_gets_contiguous_gradients():
