@@ -88,7 +88,7 @@ def _block_count(model: nn.Module, module_name: str) -> int:
 
 def check_pair(name: str, A: torch.Tensor, B: torch.Tensor, blocks: int = 1) -> None:
     """Raise :class:`LoraPairingError` unless ``B @ A`` chains for ``blocks`` merged blocks."""
-    (a_rows, n), (b_rows, r) = _as_matrix_shape(A), _as_matrix_shape(B)
+    (a_rows, _), (b_rows, r) = _as_matrix_shape(A), _as_matrix_shape(B)
     if blocks < 1:
         raise LoraPairingError(f"LoRA pair '{name}': blocks must be >= 1, got {blocks}")
     if B.dim() > 2 and B[0, 0].numel() != 1:

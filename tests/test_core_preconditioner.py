@@ -108,6 +108,7 @@ def test_conv_factors_are_flattened():
     a, b = A.reshape(4, -1), B.reshape(6, 4)
     eye = torch.eye(4, dtype=torch.float64)
     torch.testing.assert_close(G_A.reshape(4, -1), torch.linalg.solve(b.T @ b + 0.1 * eye, gA.reshape(4, -1)))
+    torch.testing.assert_close(G_B.reshape(6, 4), torch.linalg.solve(a @ a.T + 0.1 * eye, gB.reshape(6, 4).T).T)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
