@@ -212,8 +212,8 @@ class LoraOptimizer(torch.optim.Optimizer):
         self._bucket_cache[gi] = out
         return out
 
-    def _directions(self, gi: int, group: dict) -> tuple[list[Tensor], list[Tensor], list[int]]:
-        """(params, directions, indices) of the group's parameters that have a gradient."""
+    def _directions(self, gi: int, group: dict) -> tuple[list[Tensor], list[Tensor]]:
+        """(params, directions) of the group's parameters that have a gradient."""
         params = group["params"]
         directions: dict[int, Tensor] = {}
         if self.precondition and group["pairs"]:
@@ -250,7 +250,7 @@ class LoraOptimizer(torch.optim.Optimizer):
                 if not d.is_contiguous():  # the fused CPU AdamW kernel mis-reads non-contiguous gradients
                     d = d.contiguous()
             out.append(d)
-        return [params[i] for i in indices], out, indices
+        return [params[i] for i in indices], out
 
     def _raise_if_nonfinite(self) -> None:
         grads, names = [], []
@@ -281,7 +281,7 @@ class LoraOptimizer(torch.optim.Optimizer):
         if self.check_finite:
             self._raise_if_nonfinite()
         work = [self._directions(gi, group) for gi, group in enumerate(self.param_groups)]
-        for group, (params, directions, indices) in zip(self.param_groups, work):
+        for group, (params, directions) in zip(self.param_groups, work):
             if params:
                 self._update(group, params, directions)
         return loss
