@@ -4,6 +4,7 @@
 
 Candidates (same parameters, same gradients, interleaved step by step so machine noise hits all alike):
   torch_adamw_foreach  torch.optim.AdamW(foreach=True) over the LoRA factors
+  torch_adamw_fused    torch.optim.AdamW(fused=True)
   peft_riemannian      peft.optimizers.create_riemannian_optimizer(model, torch.optim.AdamW)
   adamw                core's "adamw" (the identity preconditioner through the same code)
   scaled_adamw         core's "scaled_adamw"
@@ -102,11 +103,8 @@ def main(argv=None) -> str:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    candidates = ["torch_adamw_foreach", "peft_riemannian", "adamw", "scaled_adamw"]
-    baseline = "torch_adamw_foreach"
-    if args.device == "cuda":
-        candidates.insert(1, "torch_adamw_fused")
-        baseline = "torch_adamw_fused"
+    candidates = ["torch_adamw_foreach", "torch_adamw_fused", "peft_riemannian", "adamw", "scaled_adamw"]
+    baseline = "torch_adamw_fused" if args.device == "cuda" else "torch_adamw_foreach"  # the targets
     hw = hardware_info()
     lines = [
         f"# optimizer step time ({args.device}; {hw['gpu'] or hw['cpu']}, {hw['threads']} threads, torch "
