@@ -1,13 +1,13 @@
 """Markdown tables of the GLUE runs, built only from the records in results/glue/*.json.
 
-    python Mistral-7B/make_table.py                    # print Table 2 and the LR sweeps
+    python Mistral-7B/make_table.py                                 # print Table 2, the LR sweep, the reg sweep
     python Mistral-7B/make_table.py --readme Mistral-7B/README.md   # also rewrite the README's generated block
 
-`make_table(results_dir)` is Table 2 (optimizers x tasks + average; main_figures imports it):
-each cell is the task's dev metric x 100 (Matthews for CoLA, Pearson for STS-B, accuracy otherwise; MNLI
+`make_table(results_dir)` is Table 2 (optimizers x tasks + average; main_figures imports it), one table per
+preset: each cell is the task's dev metric x 100 (Matthews for CoLA, Pearson for STS-B, accuracy otherwise; MNLI
 matched), mean ± std over seeds at the optimizer's tuned (lr, reg): the setting run with the most seeds, ties
-(e.g. one seed per LR) broken by the best score.
-`make_sweep_table(results_dir)` is dev metric per optimizer and learning rate, with the median step time.
+(e.g. one seed per LR) broken by the best score. `make_sweep_table` is the metric per optimizer and learning
+rate with the step time; `make_reg_table` the metric per `reg` and learning rate of one optimizer.
 """
 from __future__ import annotations
 
@@ -25,12 +25,9 @@ from core import REPO_ROOT, load_records  # noqa: E402
 
 EXPERIMENT = "glue"
 OPTIMIZERS = ("sgd", "scaled_gd", "adamw", "scaled_adamw", "peft_riemannian", "loraplus", "lora_rite")
+SENSITIVITY_PRESETS = ("minilm_sst2_reg",)  # reg sweeps (conf/sweep/minilm_reg.yaml): not part of Table 2
 BEGIN, END = "<!-- make_table.py: begin -->", "<!-- make_table.py: end -->"
-
-
-def _order(row: str) -> tuple:
-    name = row.split()[0]
-    return (OPTIMIZERS.index(name) if name in OPTIMIZERS else len(OPTIMIZERS), row)
+RESULTS = REPO_ROOT / "results"
 
 
 def score(record) -> float | None:
@@ -39,78 +36,104 @@ def score(record) -> float | None:
     return None if value is None or value != value else 100.0 * value
 
 
-def _runs(results_dir, preset=None, split_reg=False):
-    """{preset: {(row, task): {lr: [records]}}}; row is the optimizer, or with split_reg "optimizer reg=R"
-    for optimizers run with several reg values."""
-    records = [r for r in load_records(results_dir, EXPERIMENT) if preset is None or r.tags.get("preset") == preset]
-    regs = defaultdict(set)
+def _records(results_dir, presets=None, task=None):
+    return [r for r in load_records(results_dir, EXPERIMENT)
+            if (presets is None or r.tags.get("preset") in presets) and (task is None or r.tags["task"] == task)]
+
+
+def _group(records, row, column) -> dict:
+    """{row(record): {column(record): [records]}}"""
+    out: dict = defaultdict(lambda: defaultdict(list))
     for r in records:
-        regs[r.optimizer].add(r.hparams.get("reg"))
-    out: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
-    for r in records:
-        row = f"{r.optimizer} reg={r.hparams['reg']:g}" if split_reg and len(regs[r.optimizer]) > 1 else r.optimizer
-        key = r.hparams["lr"] if split_reg else (r.hparams["lr"], r.hparams.get("reg"))
-        out[r.tags.get("preset", "?")][(row, r.tags["task"])][key].append(r)
+        out[row(r)][column(r)].append(r)
     return out
 
 
-def _mean_std(values: list[float]) -> str:
+def _order(optimizer: str) -> tuple:
+    return (OPTIMIZERS.index(optimizer) if optimizer in OPTIMIZERS else len(OPTIMIZERS), optimizer)
+
+
+def _mean_std(records) -> str:
+    values = [s for s in map(score, records) if s is not None]
     if not values:
         return "–"
-    text = f"{statistics.mean(values):.1f}"
-    return text + (f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else "")
+    text = f"{statistics.mean(values):.1f}" + (f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else "")
+    return text + (" †" if any("diverged_at_step" in r.final_metrics for r in records) else "")
 
 
-def _best(by_config: dict) -> tuple[tuple, list[float]]:
-    """The tuned (lr, reg): the one run with the most seeds, ties broken by the best seed-mean; and its scores."""
-    scored = {c: [s for s in map(score, rs) if s is not None] for c, rs in by_config.items()}
-    config = max(scored, key=lambda c: (len(scored[c]), statistics.mean(scored[c]) if scored[c] else float("-inf")))
-    return config, scored[config]
+def _tuned(by_config: dict) -> tuple[tuple, list]:
+    """The (lr, reg) run with the most seeds, ties broken by the best seed-mean score; and its records."""
+    def key(config):
+        values = [s for s in map(score, by_config[config]) if s is not None]
+        return len(values), statistics.mean(values) if values else float("-inf")
+
+    config = max(by_config, key=key)
+    return config, by_config[config]
 
 
-def make_table(results_dir: str | Path = REPO_ROOT / "results", preset: str | None = None) -> str:
-    """Table 2: optimizers x tasks + average, one markdown table per preset (cell: score @ best lr)."""
+def _table(title: str, header: list[str], rows: list[list[str]]) -> str:
+    lines = [title, "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
+
+
+def make_table(results_dir: str | Path = RESULTS, preset: str | None = None) -> str:
+    """Table 2: optimizers x tasks + average, one markdown table per preset (cell: score @ tuned lr, reg)."""
+    records = _records(results_dir, None if preset is None else (preset,))
+    by_preset = _group([r for r in records if preset or r.tags.get("preset") not in SENSITIVITY_PRESETS],
+                       lambda r: r.tags.get("preset", "?"), lambda r: r.optimizer)
     blocks = []
-    for name, runs in sorted(_runs(results_dir, preset).items()):
-        tasks = [t for t in GLUE_TASKS if any(task == t for _, task in runs)]
-        lines = [f"**{name}** (dev metric x 100, mean ± std over seeds, @ tuned lr, reg)", "",
-                 "| optimizer | " + " | ".join(tasks) + " | avg |", "|---" * (len(tasks) + 2) + "|"]
-        for optim in sorted({o for o, _ in runs}, key=_order):
+    for name, by_optim in sorted(by_preset.items()):
+        tasks = [t for t in GLUE_TASKS if any(r.tags["task"] == t for rs in by_optim.values() for r in rs)]
+        rows = []
+        for optim in sorted(by_optim, key=_order):
+            by_task = _group(by_optim[optim], lambda r: r.tags["task"], lambda r: (r.hparams["lr"], r.hparams.get("reg")))
             cells, means = [], []
             for task in tasks:
-                if (optim, task) not in runs:
+                if task not in by_task:
                     cells.append("–")
                     continue
-                (lr, reg), scores = _best(runs[optim, task])
-                cells.append(f"{_mean_std(scores)} @ {lr:g}" + ("" if reg is None else f", reg {reg:g}"))
-                means.append(statistics.mean(scores) if scores else None)
-            avg = f"{statistics.mean(means):.1f}" if len(means) == len(tasks) and None not in means else "–"
-            lines.append(f"| {optim} | " + " | ".join(cells) + f" | {avg} |")
-        blocks.append("\n".join(lines))
-    return "\n\n".join(blocks) + "\n"
+                (lr, reg), runs = _tuned(by_task[task])
+                cells.append(_mean_std(runs) + f" @ {lr:g}" + ("" if reg is None else f", reg {reg:g}"))
+                values = [s for s in map(score, runs) if s is not None]
+                means.append(statistics.mean(values) if values else None)
+            complete = len(means) == len(tasks) and None not in means
+            rows.append([optim, *cells, f"{statistics.mean(means):.1f}" if complete else "–"])
+        title = f"**{name}**: dev metric x 100, mean ± std over seeds @ tuned lr (, reg)"
+        blocks.append(_table(title, ["optimizer", *tasks, "avg"], rows))
+    return "\n".join(blocks)
 
 
-def make_sweep_table(results_dir: str | Path = REPO_ROOT / "results", preset: str = "minilm_sst2",
-                     task: str = "sst2") -> str:
-    """Dev metric x 100 per optimizer (rows) and learning rate (columns); mean ± std where several seeds ran;
-    † marks a run stopped by a non-finite gradient; last column: median step time over the optimizer's runs."""
-    runs = _runs(results_dir, preset, split_reg=True).get(preset, {})
-    runs = {optim: by_lr for (optim, t), by_lr in runs.items() if t == task}
-    lrs = sorted({lr for by_lr in runs.values() for lr in by_lr})
-    lines = [f"**{preset}**, {task}: dev {primary_metric(task)} x 100 by learning rate", "",
-             "| optimizer | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | step time (ms) |",
-             "|---" * (len(lrs) + 2) + "|"]
-    for optim in sorted(runs, key=_order):
-        cells = []
-        for lr in lrs:
-            records = runs[optim].get(lr, [])
-            scores = [s for s in map(score, records) if s is not None]
-            diverged = any("diverged_at_step" in r.final_metrics for r in records)
-            cells.append(_mean_std(scores) + (" †" if diverged else "") if records else "–")
-        times = [r.step_time_s for rs in runs[optim].values() for r in rs if r.step_time_s]
-        step_ms = f"{1000 * statistics.median(times):.0f}" if times else "–"
-        lines.append(f"| {optim} | " + " | ".join(cells) + f" | {step_ms} |")
-    return "\n".join(lines) + "\n"
+def make_sweep_table(results_dir: str | Path = RESULTS, preset: str = "minilm_sst2", task: str = "sst2") -> str:
+    """Metric x 100 per optimizer (rows) and learning rate (columns), mean ± std where several seeds ran;
+    † marks runs stopped by a non-finite gradient; last column: step time, the smallest of the runs' median
+    step times (the least disturbed by other jobs on a shared machine)."""
+    by_optim = _group(_records(results_dir, (preset,), task), lambda r: r.optimizer, lambda r: r.hparams["lr"])
+    lrs = sorted({lr for by_lr in by_optim.values() for lr in by_lr})
+    rows = []
+    for optim in sorted(by_optim, key=_order):
+        regs = {r.hparams.get("reg") for rs in by_optim[optim].values() for r in rs}
+        if len(regs) > 1:
+            raise ValueError(f"{preset}: {optim} was run with several reg values {sorted(regs)}; "
+                             "record reg sweeps under their own preset tag (see conf/sweep/minilm_reg.yaml)")
+        times = [r.step_time_s for rs in by_optim[optim].values() for r in rs if r.step_time_s]
+        rows.append([optim, *(_mean_std(by_optim[optim][lr]) if lr in by_optim[optim] else "–" for lr in lrs),
+                     f"{1000 * min(times):.0f}" if times else "–"])
+    title = f"**{preset}**, {task}: dev {primary_metric(task)} x 100 by learning rate"
+    return _table(title, ["optimizer", *(f"lr {lr:g}" for lr in lrs), "step time (ms)"], rows)
+
+
+def make_reg_table(results_dir: str | Path = RESULTS, optimizer: str = "scaled_adamw",
+                   presets=("minilm_sst2", "minilm_sst2_reg"), task: str = "sst2", seed: int = 42) -> str:
+    """Metric x 100 of `optimizer` per reg (rows) and learning rate (columns), one seed, at the learning rates
+    of the reg sweep."""
+    records = [r for r in _records(results_dir, presets, task) if r.optimizer == optimizer and r.seed == seed]
+    by_reg = _group(records, lambda r: r.hparams["reg"], lambda r: r.hparams["lr"])
+    swept = {r.hparams["lr"] for r in records if r.tags.get("preset") in SENSITIVITY_PRESETS}
+    lrs = sorted(swept or {lr for by_lr in by_reg.values() for lr in by_lr})
+    rows = [[f"{reg:g}", *(_mean_std(by_reg[reg][lr]) if lr in by_reg[reg] else "–" for lr in lrs)]
+            for reg in sorted(by_reg)]
+    title = f"**{optimizer}** on {task} (seed {seed}): dev {primary_metric(task)} x 100 by reg and learning rate"
+    return _table(title, ["reg", *(f"lr {lr:g}" for lr in lrs)], rows)
 
 
 def write_readme(readme: Path, text: str) -> None:
@@ -124,10 +147,10 @@ def write_readme(readme: Path, text: str) -> None:
 
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--results", type=Path, default=REPO_ROOT / "results", help="results folder")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="results folder (holding glue/*.json)")
     parser.add_argument("--readme", type=Path, help="also write the tables into this README's generated block")
     args = parser.parse_args(argv)
-    text = "\n".join([make_table(args.results), make_sweep_table(args.results)])
+    text = "\n".join([make_table(args.results), make_sweep_table(args.results), make_reg_table(args.results)])
     print(text)
     if args.readme:
         write_readme(args.readme, text)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -50,7 +51,10 @@ def load_model(cfg: DictConfig, num_labels: int):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path)
-    kwargs = {"num_labels": num_labels, "dtype": getattr(torch, cfg.model.dtype)}
+    dtype = getattr(torch, str(cfg.model.dtype), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"model.dtype must name a torch dtype (float32, bfloat16, ...), got {cfg.model.dtype!r}")
+    kwargs = {"num_labels": num_labels, "dtype": dtype}
     if cfg.quantize:
         kwargs.update(quantization_config=nf4_config(), device_map={"": PartialState().local_process_index})
     model = AutoModelForSequenceClassification.from_pretrained(cfg.model.name_or_path, **kwargs)
@@ -102,6 +106,19 @@ def final_metrics(metrics_by_split: dict[str, dict]) -> dict[str, float]:
     return out
 
 
+def run_name_with_reg(optim: dict, seed: int, tags: dict) -> str | None:
+    """core's default record name (optimizer, lr, seed, tags) plus `reg` where the optimizer has one, so that runs
+    differing only in reg (a reg sweep) keep separate records; None (core's default) for the others."""
+    if "reg" not in optim:
+        return None
+
+    def slug(value) -> str:
+        return re.sub(r"[^A-Za-z0-9.+-]+", "-", f"{value:g}" if isinstance(value, float) else str(value)).strip("-")
+
+    parts = [optim["name"], f"lr{slug(float(optim['lr']))}", f"reg{slug(float(optim['reg']))}", f"seed{seed}"]
+    return "_".join(parts + [f"{k}-{slug(v)}" for k, v in sorted(tags.items())])
+
+
 def train(cfg: DictConfig) -> float:
     """Fine-tune, evaluate, record; returns the task's Table-2 metric on the first dev split."""
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, get_scheduler
@@ -134,10 +151,11 @@ def train(cfg: DictConfig) -> float:
     recorder = None
     if trainer.is_world_process_zero():
         hparams = {k: v for k, v in optim.items() if k != "name"}
+        tags = {"preset": cfg.name, "task": task}
         recorder = RunRecorder(
             cfg.results_dir or REPO_ROOT / "results", experiment=EXPERIMENT, optimizer=optim["name"],
             hparams=hparams, seed=cfg.seed, config=OmegaConf.to_container(cfg, resolve=True),
-            tags={"preset": cfg.name, "task": task}, run_name=cfg.run_name,
+            tags=tags, run_name=cfg.run_name or run_name_with_reg(optim, cfg.seed, tags),
             wandb=OmegaConf.to_container(cfg.wandb) if cfg.wandb else None)
         trainer.add_callback(RecorderCallback(recorder))
 

@@ -173,3 +173,26 @@ def test_subsample_is_fixed_and_sized(glue_root):
 def test_package_dir_names_missing_package():
     with pytest.raises(ModuleNotFoundError, match="no_such_pkg_xyz"):
         glue_data.package_dir("no_such_pkg_xyz")
+
+
+@pytest.mark.parametrize("task,text_cols,splits", [
+    ("mnli", ("premise", "hypothesis"), ("train", "validation_matched", "validation_mismatched", "test_matched")),
+    ("sst2", ("sentence",), ("train", "validation", "test")),
+    ("qqp", ("question1", "question2"), ("train", "validation", "test")),
+])
+def test_hub_columns_are_normalised(monkeypatch, task, text_cols, splits):
+    """The hub path (no download: datasets.load_dataset is replaced by the hub's layout built in code)."""
+    import datasets
+
+    def fake_load_dataset(path, name):
+        assert (path, name) == ("nyu-mll/glue", task)
+        row = {**{c: [f"{c} text"] for c in text_cols}, "label": [1], "idx": [0]}
+        return datasets.DatasetDict({s: datasets.Dataset.from_dict(row) for s in splits})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    data = glue_data.load_glue(task)
+    assert set(data) == {"train", *glue_data.eval_splits(task)}  # the unlabelled test splits are left out
+    expected = ["text1", "label"] if len(text_cols) == 1 else ["text1", "text2", "label"]
+    for split in data.values():
+        assert sorted(split.column_names) == sorted(expected)
+        assert split[0]["text1"] == f"{text_cols[0]} text" and split[0]["label"] == 1

@@ -4,7 +4,6 @@ import importlib.util
 import json
 import math
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -72,6 +71,7 @@ def test_a_few_trainer_steps_with_each_optimizer(tmp_path, tiny_mistral, glue_ro
     record = json.loads(path.read_text())
     assert record["experiment"] == "glue" and record["optimizer"] == optim
     assert record["tags"] == {"preset": "mistral7b_glue", "task": "rte"}
+    assert ("_reg" in record["run_name"]) == ("reg" in record["hparams"])
     assert record["final_metrics"]["steps"] == 3 and record["final_metrics"]["accuracy"] == accuracy
     assert [s["step"] for s in record["steps"]] == [1, 2, 3]
     assert all(math.isfinite(s["loss"]) and s["time_s"] > 0 for s in record["steps"])
@@ -159,3 +159,30 @@ def test_a_non_finite_gradient_is_recorded_as_divergence(tmp_path, tiny_mistral,
     (path,) = (tmp_path / "results" / "glue").glob("*.json")
     final = json.loads(path.read_text())["final_metrics"]
     assert final["diverged_at_step"] == 2 and final["steps"] == 1 and final["accuracy"] == accuracy
+
+
+def test_runs_differing_only_in_reg_keep_separate_records(tmp_path, tiny_mistral, glue_root):
+    for reg in (1e-6, 1.0):
+        train_mod.train(tiny_cfg(tmp_path, tiny_mistral, glue_root, "optim=scaled_adamw", f"optim.reg={reg}",
+                                 "train.max_steps=1"))
+    regs = sorted(json.loads(p.read_text())["hparams"]["reg"] for p in (tmp_path / "results" / "glue").glob("*.json"))
+    assert regs == [1e-6, 1.0]
+
+
+def test_sweep_and_reg_tables_from_records(tmp_path, tiny_mistral, glue_root):
+    for optim, lr, reg in (("adamw", 1e-3, None), ("adamw", 1e-2, None), ("scaled_adamw", 1e-3, 0.5),
+                           ("scaled_adamw", 1e-3, 2.0)):
+        train_mod.train(tiny_cfg(tmp_path, tiny_mistral, glue_root, f"optim={optim}", f"optim.lr={lr}",
+                                 "train.max_steps=1", *([] if reg is None else [f"optim.reg={reg}"])))
+    results = tmp_path / "results"
+    reg_table = make_table_mod.make_reg_table(results, presets=("mistral7b_glue",), task="rte")
+    assert [ln.split("|")[1].strip() for ln in reg_table.splitlines()[4:]] == ["0.5", "2"]
+    with pytest.raises(ValueError, match="several reg values"):
+        make_table_mod.make_sweep_table(results, preset="mistral7b_glue", task="rte")
+    for path in results.glob("glue/scaled_adamw_*_reg2_*.json"):
+        path.unlink()
+    sweep = make_table_mod.make_sweep_table(results, preset="mistral7b_glue", task="rte")
+    header, *rows = [ln for ln in sweep.splitlines() if ln.startswith("| ")]
+    assert "lr 0.001" in header and "lr 0.01" in header and "step time" in header
+    assert [r.split("|")[1].strip() for r in rows] == ["adamw", "scaled_adamw"]
+    assert rows[1].split("|")[3].strip() == "–"  # scaled_adamw did not run at 1e-2
