@@ -16,10 +16,10 @@ def llama_loss(model):
     return model(input_ids=TOKENS, labels=TOKENS).loss
 
 
-def mixed_loss(model, seed=[0]):
-    x = torch.randn(8, 12, generator=torch.Generator().manual_seed(7))
+def mixed_loss(model, dtype=torch.float32):
+    x = torch.randn(8, 12, generator=torch.Generator().manual_seed(7)).to(dtype)
     y = torch.arange(8) % 2
-    return torch.nn.functional.cross_entropy(model(x), y)
+    return torch.nn.functional.cross_entropy(model(x).float(), y)
 
 
 def run_side_by_side(model, loss_fn, fast, reference_cls, steps, **hparams):
@@ -229,3 +229,93 @@ def test_low_precision_parameters_train(dtype):
     assert all(s["exp_avg"].dtype == dtype for s in opt.state.values())
     moved = [not torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters()) if a.requires_grad]
     assert all(moved) and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("stack_max_numel", [0, 1 << 30], ids=["one-product-per-pair", "stacked"])
+@pytest.mark.parametrize("name, reference_cls", [("scaled_adamw", ReferenceScaledAdamW), ("scaled_gd", ReferenceScaledGD)])
+def test_both_bucket_strategies_match_the_reference(monkeypatch, stack_max_numel, name, reference_cls):
+    # small factors are stacked (batched products), large ones get a product each: both must be the same algorithm
+    import core.optimizers
+
+    monkeypatch.setattr(core.optimizers, "STACK_MAX_NUMEL", stack_max_numel)
+    hp = dict(lr=1e-2, weight_decay=0.05, reg=1e-4) | ({"betas": (0.8, 0.9)} if name == "scaled_adamw" else {})
+    model = MixedModel()  # two down/up pairs, a merged two-block pair, a plain head
+    fast = build_optimizer(model, name, **hp)
+    src, dst = run_side_by_side(model, mixed_loss, fast, reference_cls, steps=25, **hp)
+    for s, d in zip(src, dst):
+        torch.testing.assert_close(s, d, rtol=2e-4, atol=2e-5)
+    assert all(b.stacked == bool(stack_max_numel) for plan in fast._plan_cache.values() for b in plan.buckets)
+
+
+@pytest.mark.parametrize("stack_max_numel", [0, 1 << 30], ids=["one-product-per-pair", "stacked"])
+def test_both_bucket_strategies_handle_bf16_factors(monkeypatch, stack_max_numel):
+    import core.optimizers
+
+    monkeypatch.setattr(core.optimizers, "STACK_MAX_NUMEL", stack_max_numel)
+    model = MixedModel().to(torch.bfloat16)
+    twin = copy.deepcopy(model).float()
+    ours = build_optimizer(model, "scaled_gd", lr=1e-2, reg=1e-3)
+    mixed_loss_bf16 = lambda m: mixed_loss(m, dtype=torch.bfloat16)  # noqa: E731
+    mixed_loss_bf16(model).backward()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        q.grad = None if p.grad is None else p.grad.float()
+    reference = ReferenceScaledGD(find_lora_pairs(twin), list(twin.head.parameters()), lr=1e-2, reg=1e-3)
+    ours.step()
+    reference.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert p.dtype == torch.bfloat16
+        torch.testing.assert_close(p.float(), q.to(torch.bfloat16).float(), rtol=2e-2, atol=2e-2)
+
+
+def test_step_counters_follow_torch_adamw_when_some_gradients_are_missing():
+    # a parameter without a gradient is not stepped (as in torch); the counters advance together only when they should
+    model = MixedModel()
+    twin = copy.deepcopy(model)
+    ours = build_optimizer(model, "adamw", lr=1e-2, weight_decay=0.01)
+    theirs = torch.optim.AdamW([p for p in twin.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.01)
+    for step in range(9):
+        for m, opt in ((model, ours), (twin, theirs)):
+            opt.zero_grad()
+            mixed_loss(m).backward()
+            if step % 3 == 1:
+                m.head.weight.grad = None
+            if step == 4:
+                m.l1.lora_down.weight.grad = None
+            opt.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        if p.requires_grad:
+            assert ours.state[p]["step"].dtype == torch.float32 and ours.state[p]["step"].dim() == 0
+            assert float(ours.state[p]["step"]) == float(theirs.state[q]["step"])
+    assert float(ours.state[model.head.weight]["step"]) == 6 and float(ours.state[model.l2.lora_up.weight]["step"]) == 9
+
+
+def test_huge_but_finite_gradients_are_not_mistaken_for_non_finite():
+    # the finiteness check sums gradients; a sum that overflows is confirmed element-wise before anything is raised
+    model = MixedModel()
+    opt = build_optimizer(model, "scaled_adamw", lr=1e-3, reg=1e6)
+    mixed_loss(model).backward()
+    model.l1.lora_down.weight.grad.fill_(1e37)  # 36 entries: the sum overflows float32, every entry is finite
+    model.head.bias.grad.fill_(3e38)  # the norm overflows too
+    assert not torch.isfinite(model.l1.lora_down.weight.grad.sum())
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("stack_max_numel", [0, 1 << 30], ids=["one-product-per-pair", "stacked"])
+def test_non_finite_gradient_in_either_bucket_strategy_raises_and_changes_nothing(monkeypatch, stack_max_numel):
+    import core.optimizers
+
+    monkeypatch.setattr(core.optimizers, "STACK_MAX_NUMEL", stack_max_numel)
+    model = MixedModel()
+    opt = build_optimizer(model, "scaled_gd", lr=1e-2, momentum=0.9)
+    for bad in ("merged.lora_A", "head.bias"):
+        opt.zero_grad()
+        mixed_loss(model).backward()
+        model.get_parameter(bad).grad[0] = float("inf")
+        before = [p.detach().clone() for p in model.parameters()]
+        with pytest.raises(NonFiniteGradientError, match=rf"1 parameter\(s\): {bad}"):
+            opt.step()
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert not opt.state
