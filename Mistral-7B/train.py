@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import re
 import sys
 from pathlib import Path
 
@@ -106,19 +105,6 @@ def final_metrics(metrics_by_split: dict[str, dict]) -> dict[str, float]:
     return out
 
 
-def run_name_with_reg(optim: dict, seed: int, tags: dict) -> str | None:
-    """core's default record name (optimizer, lr, seed, tags) plus `reg` where the optimizer has one, so that runs
-    differing only in reg (a reg sweep) keep separate records; None (core's default) for the others."""
-    if "reg" not in optim:
-        return None
-
-    def slug(value) -> str:
-        return re.sub(r"[^A-Za-z0-9.+-]+", "-", f"{value:g}" if isinstance(value, float) else str(value)).strip("-")
-
-    parts = [optim["name"], f"lr{slug(float(optim['lr']))}", f"reg{slug(float(optim['reg']))}", f"seed{seed}"]
-    return "_".join(parts + [f"{k}-{slug(v)}" for k, v in sorted(tags.items())])
-
-
 def train(cfg: DictConfig) -> float:
     """Fine-tune, evaluate, record; returns the task's Table-2 metric on the first dev split."""
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, get_scheduler
@@ -155,7 +141,7 @@ def train(cfg: DictConfig) -> float:
         recorder = RunRecorder(
             cfg.results_dir or REPO_ROOT / "results", experiment=EXPERIMENT, optimizer=optim["name"],
             hparams=hparams, seed=cfg.seed, config=OmegaConf.to_container(cfg, resolve=True),
-            tags=tags, run_name=cfg.run_name or run_name_with_reg(optim, cfg.seed, tags),
+            tags=tags, run_name=cfg.run_name or None,
             wandb=OmegaConf.to_container(cfg.wandb) if cfg.wandb else None)
         trainer.add_callback(RecorderCallback(recorder))
 

@@ -8,7 +8,7 @@ from .factory import HPARAMS, OPTIMIZER_NAMES, PEER_NAMES, build_optimizer
 from .optimizers import LoraOptimizer, NonFiniteGradientError, ScaledAdamW, ScaledGD, adamw_update, sgd_update
 from .pairing import PAIR_PATTERNS, LoraPair, LoraPairingError, find_lora_pairs
 from .preconditioner import precondition_pair
-from .results import SCHEMA_VERSION, RunRecord, RunRecorder, hardware_info, load_records
+from .results import SCHEMA_VERSION, RunRecord, RunRecorder, default_run_name, hardware_info, load_records
 from .training import (
     REPO_ROOT,
     RecorderCallback,
@@ -23,7 +23,7 @@ __all__ = [
     "build_optimizer", "OPTIMIZER_NAMES", "PEER_NAMES", "HPARAMS",
     "ScaledGD", "ScaledAdamW", "LoraOptimizer", "NonFiniteGradientError", "adamw_update", "sgd_update",
     "find_lora_pairs", "LoraPair", "LoraPairingError", "PAIR_PATTERNS", "precondition_pair",
-    "RunRecorder", "RunRecord", "load_records", "hardware_info", "SCHEMA_VERSION",
+    "RunRecorder", "RunRecord", "load_records", "hardware_info", "default_run_name", "SCHEMA_VERSION",
     "REPO_ROOT", "default_data_root", "require_path", "seed_everything", "train_loop", "RecorderCallback",
     "TrainingDiverged",
 ]  # fmt: skip

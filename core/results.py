@@ -6,8 +6,8 @@
     hardware {device, cpu, gpu, torch, threads},
     steps [{step, loss, lr, time_s, ...}], evals [{step, ...}], final_metrics {...}, step_time_s (median time_s)
 
-``run_name`` defaults to a slug of optimizer, learning rate, seed and tags, so re-running one configuration
-replaces its record. ``main_figures/`` reads records with :func:`load_records`.
+``run_name`` defaults to a slug of optimizer, learning rate, ``reg`` (for the optimizers that have one), seed and
+tags, so re-running one configuration replaces its record and runs that differ in any of these keep their own. ``main_figures/`` reads records with :func:`load_records`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["RunRecord", "RunRecorder", "load_records", "hardware_info", "SCHEMA_VERSION"]
+__all__ = ["RunRecord", "RunRecorder", "load_records", "hardware_info", "default_run_name", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 1
 
@@ -80,6 +80,23 @@ def _slug(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]+", "-", text).strip("-")
 
 
+def _number_slug(value: Any) -> str:
+    """Numbers as ``%g`` whatever their type (``1e-3``, ``"1e-3"`` and ``0.001`` all give ``0.001``)."""
+    try:
+        return _slug(float(value))
+    except (TypeError, ValueError):
+        return _slug(value)
+
+
+def default_run_name(optimizer: str, hparams: dict[str, Any], seed: int, tags: dict[str, Any]) -> str:
+    """``<optimizer>_lr<lr>[_reg<reg>]_seed<seed>[_<tag>-<value>...]`` (tags sorted by name)."""
+    parts = [optimizer, f"lr{_number_slug(hparams.get('lr', 'na'))}"]
+    if "reg" in hparams:
+        parts.append(f"reg{_number_slug(hparams['reg'])}")
+    parts.append(f"seed{seed}")
+    return "_".join(parts + [f"{k}-{_slug(v)}" for k, v in sorted(tags.items())])
+
+
 def _plain(value: Any) -> Any:
     """JSON-safe copy (tuples to lists, non-finite floats to None, tensors to numbers)."""
     if isinstance(value, torch.Tensor):
@@ -112,9 +129,7 @@ class RunRecorder:
     ):
         tags = dict(tags or {})
         if run_name is None:
-            parts = [optimizer, f"lr{_slug(hparams.get('lr', 'na'))}", f"seed{seed}"]
-            parts += [f"{k}-{_slug(v)}" for k, v in sorted(tags.items())]
-            run_name = "_".join(parts)
+            run_name = default_run_name(optimizer, hparams, seed, tags)
         self.path = Path(results_dir) / experiment / f"{run_name}.json"
         self.record = RunRecord(
             experiment=experiment, optimizer=optimizer, hparams=_plain(dict(hparams)), seed=int(seed),

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from core import (
-    RunRecorder, TrainingDiverged, build_optimizer, load_records, require_path, seed_everything, train_loop,
+    RunRecorder, TrainingDiverged, build_optimizer, default_run_name, load_records, require_path, seed_everything,
+    train_loop,
 )  # fmt: skip
 from _tiny import MixedModel, tiny_peft_llama
 
@@ -34,6 +35,15 @@ def test_recorder_round_trip(tmp_path):
     assert record.final_metrics == {"BLEU": 0.61} and record.step_time_s == pytest.approx(0.3)
     assert record.steps[1]["loss"] is None and record.evals == [{"step": 3, "accuracy": 0.5}]
     assert record.hardware["torch"] == torch.__version__ and record.tags == {"preset": "tiny"}
+
+
+def test_default_run_name_carries_reg_so_a_reg_sweep_keeps_every_run(tmp_path):
+    names = {
+        RunRecorder(tmp_path, "demo", "scaled_gd", {"lr": "1e-3", "reg": reg}, seed=0, tags={"kappa": 10}).path.name
+        for reg in (0.0, 1e-6, 1e-6)
+    }
+    assert names == {"scaled_gd_lr0.001_reg0_seed0_kappa-10.json", "scaled_gd_lr0.001_reg1e-06_seed0_kappa-10.json"}
+    assert default_run_name("sgd", {"lr": 0.1}, 1, {}) == "sgd_lr0.1_seed1"
 
 
 def test_load_records_rejects_foreign_json(tmp_path):
