@@ -36,6 +36,10 @@ class NonFiniteGradientError(FloatingPointError):
     """A gradient holds inf or NaN; raised before any parameter is changed."""
 
 
+def _names(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+
+
 def _check_nonnegative(name: str, value: Any) -> None:
     if not isinstance(value, (int, float)) or value != value or value < 0:
         raise ValueError(f"{name} must be a number >= 0, got {value!r}")
@@ -246,34 +250,35 @@ class LoraOptimizer(torch.optim.Optimizer):
     def _directions(self, gi: int, group: dict, finite_checks: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         """(params, directions) of the group's parameters that have a gradient.
 
-        Appends to ``finite_checks`` scalars that are all finite when every gradient is (see _raise_if_nonfinite).
+        Appends to ``finite_checks`` scalars that are all finite when every direction is (see _raise_if_nonfinite).
         """
         params = group["params"]
         plan = self._plan(gi, group)
         directions = [params[i].grad for i in plan.indices]
-        checks = finite_checks if self.check_finite else None
-        unstacked = [] if self.check_finite else None  # gradients whose finiteness one foreach norm checks
         if any(d.layout != torch.strided for d in directions):
             name = next(group["param_names"][i] for i in plan.indices if params[i].grad.layout != torch.strided)
             raise ValueError(f"sparse gradients are not supported (parameter '{name}')")
+        checks = finite_checks if self.check_finite else None
         for bucket in plan.buckets:
-            for k, d in zip(bucket.positions, bucket.directions(params, group["reg"], checks, unstacked)):
+            for k, d in zip(bucket.positions, bucket.directions(params, group["reg"], checks)):
                 directions[k] = d
+        plain = []
         for k in plan.plain:
             d = directions[k]
             if not d.is_contiguous():  # the fused CPU AdamW kernel mis-reads non-contiguous gradients
-                directions[k] = d.contiguous()
-            if unstacked is not None:
-                unstacked.append(d)
-        if unstacked:
-            finite_checks.extend(torch._foreach_norm(unstacked))
+                directions[k] = d = d.contiguous()
+            plain.append(d)
+        if plain and checks is not None:
+            checks.extend(torch._foreach_norm(plain))
         return [params[i] for i in plan.indices], directions
 
-    def _raise_if_nonfinite(self, checks: list[Tensor]) -> None:
-        """Raise NonFiniteGradientError naming the parameters if a gradient holds inf or nan.
+    def _raise_if_nonfinite(self, checks: list[Tensor], work: list[tuple[list[Tensor], list[Tensor]]]) -> None:
+        """Raise NonFiniteGradientError, naming the parameters, if an update direction holds inf or nan.
 
-        ``checks`` are sums and norms of the gradients: finite values prove every gradient finite; a non-finite one
-        may also be an overflow of finite values, so that case is confirmed element-wise before raising.
+        ``checks`` are sums and norms of the directions: finite values prove every direction finite. A non-finite
+        one may also be an overflow of finite values, so that case is confirmed element-wise before raising. A
+        non-finite gradient always gives a non-finite direction (inf or nan times the positive diagonal of an
+        inverse Gram matrix); a finite gradient can give one too, when a Gram matrix is singular or nearly so.
         """
         if not checks:
             return
@@ -282,19 +287,25 @@ class LoraOptimizer(torch.optim.Optimizer):
             checks = [c.to(device=device, dtype=torch.float32) for c in checks]
         if bool(torch.stack(checks).isfinite().all()):
             return
-        bad = [
-            name
-            for group in self.param_groups
-            for p, name in zip(group["params"], group["param_names"])
-            if p.grad is not None and not bool(torch.isfinite(p.grad).all())
-        ]
-        if not bad:
-            return
-        raise NonFiniteGradientError(
-            f"non-finite gradient (inf or nan) in {len(bad)} parameter(s): {', '.join(bad[:5])}"
-            + (" ..." if len(bad) > 5 else "")
-            + "; no parameter was updated (use torch.amp.GradScaler for fp16, or lower the learning rate)"
-        )
+        bad_grads, bad_directions = [], []
+        for gi, (group, (params, directions)) in enumerate(zip(self.param_groups, work)):
+            names = [group["param_names"][i] for i in self._plan_cache[gi].indices]
+            for p, d, name in zip(params, directions, names):
+                if not bool(torch.isfinite(p.grad).all()):
+                    bad_grads.append(name)
+                elif not bool(torch.isfinite(d).all()):
+                    bad_directions.append(name)
+        if bad_grads:
+            raise NonFiniteGradientError(
+                f"non-finite gradient (inf or nan) in {len(bad_grads)} parameter(s): {_names(bad_grads)}"
+                "; no parameter was updated (use torch.amp.GradScaler for fp16, or lower the learning rate)"
+            )
+        if bad_directions:
+            raise NonFiniteGradientError(
+                f"the preconditioned direction of {len(bad_directions)} parameter(s) is not finite although the "
+                f"gradient is: {_names(bad_directions)}; the Gram matrix of the partner factor is singular or "
+                "ill-conditioned (raise reg above 0); no parameter was updated"
+            )
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -306,7 +317,7 @@ class LoraOptimizer(torch.optim.Optimizer):
         checks: list[Tensor] = []
         work = [self._directions(gi, group, checks) for gi, group in enumerate(self.param_groups)]
         if self.check_finite:
-            self._raise_if_nonfinite(checks)  # before any parameter changes
+            self._raise_if_nonfinite(checks, work)  # before any parameter changes
         for gi, (group, (params, directions)) in enumerate(zip(self.param_groups, work)):
             if params:
                 self._update(group, params, directions, self._plan_cache[gi])
@@ -347,80 +358,77 @@ class _Bucket:
     """LoRA factors of one side whose pairs share shapes, blocks, dtype and device.
 
     ``directions`` computes their preconditioned gradients: side "A" gives ``(BᵀB + reg I)⁻¹ ∇A`` (partner B),
-    side "B" gives ``∇B (AAᵀ + reg I)⁻¹`` (partner A), each merged block with its own r x r matrix.
+    side "B" gives ``∇B (AAᵀ + reg I)⁻¹`` (partner A), each merged block with its own r x r matrix. The results
+    are views of one ``out`` tensor (count, *factor shape), whose sum is the bucket's finiteness check.
     """
 
-    __slots__ = ("side", "blocks", "factors", "partners", "positions", "stacked", "work", "split_cache")
+    __slots__ = ("side", "blocks", "factors", "partners", "positions", "stacked", "work", "r", "shapes", "views")
 
     def __init__(self, side: str, blocks: int, members: list[tuple[int, int]], positions: list[int], params):
         self.side, self.blocks, self.positions = side, blocks, positions
         self.factors = [i for i, _ in members]
         self.partners = [j for _, j in members]
-        self.stacked = params[self.factors[0]].numel() <= STACK_MAX_NUMEL
+        factor, partner = params[self.factors[0]], params[self.partners[0]]
+        self.stacked = factor.numel() <= STACK_MAX_NUMEL
         self.work = Workspace()  # the bucket's scratch buffers, reused from step to step (see Workspace)
-        self.split_cache: tuple[Tensor, tuple[Tensor, ...]] | None = None
+        # each block of the partner and of the gradient as a matrix: (m, r) and (r, n) on side A, (r, n), (m, r) on B
+        k = blocks
+        r = self.r = partner.shape[1] if side == "A" else factor.shape[1]
+        wide, tall = (k, r, factor.numel() // (k * r)), (k, partner.numel() // (k * r), r)
+        if side == "B":
+            wide, tall = (k, r, partner.numel() // (k * r)), (k, factor.numel() // (k * r), r)
+        partner_shape, grad_shape = (tall, wide) if side == "A" else (wide, tall)
+        if k == 1:  # plain 2-D products: MKL's batched path is slower for a single thin matrix
+            partner_shape, grad_shape = partner_shape[1:], grad_shape[1:]
+        self.shapes = {"partner": partner_shape, "grad": grad_shape, "gram": (k, r, r) if k > 1 else (r, r)}
+        self.views: dict[str, tuple[Tensor, tuple[Tensor, ...]]] = {}
 
-    def directions(self, params, reg: float, sums: list | None, unstacked: list | None) -> Sequence[Tensor]:
-        """The factors' directions, in order; appends to ``sums`` / ``unstacked`` what the finiteness check needs."""
+    def directions(self, params, reg: float, sums: list | None) -> Sequence[Tensor]:
+        """The factors' directions, in order; appends the sum of all of them to ``sums`` (the finiteness check)."""
         factor, partner = params[self.factors[0]], params[self.partners[0]]
         dtype = compute_dtype(factor.dtype)
-        k, count = self.blocks, len(self.factors)
-        r = partner.shape[1] if self.side == "A" else factor.shape[1]
-        # per block: the partner and the gradient as matrices, (m, r) and (r, n) for side A, (r, n) and (m, r) for B
-        partner_shape, grad_shape = ((k, -1, r), (k, r, -1)) if self.side == "A" else ((k, r, -1), (k, -1, r))
-        grads = [params[i].grad for i in self.factors]
+        k, count, r, shapes = self.blocks, len(self.factors), self.r, self.shapes
         work, device = self.work, factor.device
+        grads = [params[i].grad for i in self.factors]
+        out = work.empty("out", (count, *factor.shape), factor.dtype, device)
         if self.stacked:
-            grad = torch.stack(grads, out=work.empty("grads", (count, *factor.shape), factor.dtype, device))
-            if sums is not None:
-                sums.append(grad.sum())
-            partners = torch.stack(
-                [params[j] for j in self.partners], out=work.empty("partners", (count, *partner.shape), partner.dtype, device)
-            )
-            partners = partners.to(dtype).reshape(count * k, *partner_shape[1:])
-            grad = grad.to(dtype).reshape(count * k, *grad_shape[1:])
-            out = work.empty("out", (count, *factor.shape), factor.dtype, device)
+            grad = torch.stack(grads, out=work.empty("grads", out.shape, factor.dtype, device))
+            partners = work.empty("partners", (count, *partner.shape), partner.dtype, device)
+            partners = torch.stack([params[j] for j in self.partners], out=partners)
+            partners = partners.to(dtype).reshape(count * k, *shapes["partner"][-2:])
+            grad = grad.to(dtype).reshape(count * k, *shapes["grad"][-2:])
             precondition = precondition_A if self.side == "A" else precondition_B
             if factor.dtype == dtype:
                 precondition(partners, grad, reg, work, out=out.view(grad.shape))
             else:
                 out.view(grad.shape).copy_(precondition(partners, grad, reg, work))
-            return self._split(out)
+        else:
+            grams = work.empty("grams", (count * k, r, r), dtype, device)
+            for gram, j in zip(self._per_pair("grams", grams, shapes["gram"]), self.partners):
+                p = params[j].to(dtype).reshape(shapes["partner"])
+                left, right = (p.mT, p) if self.side == "A" else (p, p.mT)
+                torch.matmul(left, right, out=gram)
+            inverse = self._per_pair("inverse", regularized_gram_inverse(grams, reg, work), shapes["gram"])
+            for target, inv, g in zip(self._per_pair("out", out, shapes["grad"]), inverse, grads):
+                g = g.to(dtype).reshape(shapes["grad"])
+                left, right = (inv, g) if self.side == "A" else (g, inv)
+                if target.dtype == dtype:
+                    torch.matmul(left, right, out=target)
+                else:
+                    target.copy_(left @ right)
+        if sums is not None:
+            sums.append(out.sum())
+        return self._per_pair("directions", out, factor.shape)
 
-        if unstacked is not None:
-            unstacked.extend(grads)
-        grams = work.empty("grams", (count * k, r, r), dtype, device)
-        for c, j in enumerate(self.partners):
-            p = params[j].to(dtype).reshape(partner_shape)
-            gram = grams[c * k : (c + 1) * k]
-            if k == 1:  # plain 2-D products: MKL's batched path is slower for a single thin matrix
-                p, gram = p[0], gram[0]
-            if self.side == "A":
-                torch.matmul(p.mT, p, out=gram)
-            else:
-                torch.matmul(p, p.mT, out=gram)
-        inverse = regularized_gram_inverse(grams, reg, work)
-        out = work.empty("out", (count, *factor.shape), factor.dtype, device)
-        for c, g in enumerate(grads):
-            g = g.to(dtype).reshape(grad_shape)
-            inv = inverse[c * k : (c + 1) * k]
-            target = out[c].view(g.shape)
-            if k == 1:
-                g, inv, target = g[0], inv[0], target[0]
-            left, right = (inv, g) if self.side == "A" else (g, inv)
-            if target.dtype == dtype:
-                torch.matmul(left, right, out=target)
-            else:
-                target.copy_(left @ right)
-        return self._split(out)
-
-    def _split(self, out: Tensor) -> tuple[Tensor, ...]:
-        """``out.unbind(0)``; the views are kept while ``out`` is the same reused CPU buffer (48 views cost 20 us)."""
-        if self.split_cache is not None and self.split_cache[0] is out:
-            return self.split_cache[1]
-        views = out.unbind(0)
-        if self.work.reuse and out.device.type == "cpu":
-            self.split_cache = (out, views)
+    def _per_pair(self, name: str, buffer: Tensor, shape: tuple) -> tuple[Tensor, ...]:
+        """``buffer`` (count * ..., contiguous) as one view of ``shape`` per pair. The views are kept while the buffer
+        is the same reused CPU tensor: making 48 of them costs 20 us, a tenth of the r = 4 preconditioner."""
+        cached = self.views.get(name)
+        if cached is not None and cached[0] is buffer:
+            return cached[1]
+        views = buffer.view(len(self.factors), *shape).unbind(0)
+        if self.work.reuse and buffer.device.type == "cpu":
+            self.views[name] = (buffer, views)
         return views
 
 

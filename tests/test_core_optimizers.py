@@ -291,16 +291,33 @@ def test_step_counters_follow_torch_adamw_when_some_gradients_are_missing():
     assert float(ours.state[model.head.weight]["step"]) == 6 and float(ours.state[model.l2.lora_up.weight]["step"]) == 9
 
 
-def test_huge_but_finite_gradients_are_not_mistaken_for_non_finite():
-    # the finiteness check sums gradients; a sum that overflows is confirmed element-wise before anything is raised
+def test_huge_but_finite_directions_are_not_mistaken_for_non_finite():
+    # the finiteness check sums the directions; a sum that overflows is confirmed element-wise before raising
     model = MixedModel()
-    opt = build_optimizer(model, "scaled_adamw", lr=1e-3, reg=1e6)
+    opt = build_optimizer(model, "scaled_adamw", lr=1e-3, reg=1.0)
     mixed_loss(model).backward()
-    model.l1.lora_down.weight.grad.fill_(1e37)  # 36 entries: the sum overflows float32, every entry is finite
-    model.head.bias.grad.fill_(3e38)  # the norm overflows too
-    assert not torch.isfinite(model.l1.lora_down.weight.grad.sum())
+    model.l1.lora_down.weight.grad.fill_(2e37)
+    model.head.bias.grad.fill_(3e38)  # a plain parameter: its norm overflows
+    B = model.l1.lora_up.weight.detach()
+    direction = torch.linalg.solve(B.T @ B + torch.eye(3), model.l1.lora_down.weight.grad)
+    assert torch.isfinite(direction).all() and not torch.isfinite(direction.sum())
     opt.step()
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_finite_gradient_with_a_non_finite_direction_is_a_clear_error():
+    # reg = 0 and a tiny partner: (BᵀB)⁻¹ is huge, and a large but finite gradient overflows
+    model = MixedModel()
+    with torch.no_grad():
+        model.l1.lora_up.weight.mul_(1e-3)
+    opt = build_optimizer(model, "scaled_gd", lr=1e-3, reg=0.0)
+    mixed_loss(model).backward()
+    model.l1.lora_down.weight.grad.fill_(1e35)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(NonFiniteGradientError, match=r"direction of 1 parameter\(s\) is not finite although the "
+                       r"gradient is: l1\.lora_down\.weight; .*raise reg above 0"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 @pytest.mark.parametrize("stack_max_numel", [0, 1 << 30], ids=["one-product-per-pair", "stacked"])
