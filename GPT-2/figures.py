@@ -43,6 +43,18 @@ def _latest(records):
     return max(records, key=lambda r: r.created)
 
 
+def _save(fig, out_png: str | Path) -> Path:
+    """Lay out, write (creating the folder) and close a matplotlib figure; returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return out_png
+
+
 def _fmt(value) -> str:
     return "-" if value is None else f"{value:.4f}"
 
@@ -147,12 +159,7 @@ def loss_curves(results_dir: str | Path, out_png: str | Path, preset: str | None
     axes[0].legend()
     presets = sorted({r.tags.get("preset", "?") for r in records})
     fig.suptitle(f"E2E, SGD vs scaled GD ({', '.join(presets)})")
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
-    return out_png
+    return _save(fig, out_png)
 
 
 def runtime_table(results_dir: str | Path) -> str:
@@ -201,12 +208,7 @@ def runtime_figure(results_dir: str | Path, out_png: str | Path) -> Path:
         ax.set_ylabel("seconds per step")
         ax.set_title(f"GPT-2 medium shape, {device}, batch {shape.get('batch')} x seq {shape.get('seq')}")
         ax.legend()
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
-    return out_png
+    return _save(fig, out_png)
 
 
 def results_markdown(results_dir: str | Path) -> str:

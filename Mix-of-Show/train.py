@@ -24,11 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder, for edl
 
 import hydra
 import torch
-from accelerate import Accelerator
 from omegaconf import DictConfig, OmegaConf
 
 import edlora
-from core import REPO_ROOT, RunRecorder, build_optimizer, default_data_root, require_path, seed_everything, train_loop
+from core import build_optimizer, train_loop
 from core import diffusion as D
 
 EXPERIMENT = "mix_of_show"
@@ -37,12 +36,7 @@ EXPERIMENT = "mix_of_show"
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     """Train one configuration, generate, record; returns the share of black images."""
-    seed_everything(cfg.seed)
-    if cfg.torch_threads:
-        torch.set_num_threads(cfg.torch_threads)
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
-    data_root = Path(cfg.data_root) if cfg.data_root else default_data_root()
-    results_dir = REPO_ROOT / cfg.results_dir
+    accelerator, data_root, results_dir = D.start_run(cfg)  # seed, threads, accelerator, data and results paths
 
     # -- model: ChilloutMix (or the tiny random one), LoRA, one new token per concept token and cross-attention layer
     sd = D.load_lora_components(cfg, data_root)
@@ -72,8 +66,8 @@ def main(cfg: DictConfig) -> float:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / decay))
 
     # -- data: the concept's images with their captions, <TOK> -> "<V1> <V2>", bound per layer
-    folder = Path(cfg.concept.dir) if cfg.concept.dir else data_root / "concepts" / cfg.concept.name
-    dataset = D.ConceptDataset(require_path(folder, f"concept folder for '{cfg.concept.name}'"), cfg.data.resolution,
+    folder = D.concept_folder(cfg, data_root)
+    dataset = D.ConceptDataset(folder, cfg.data.resolution,
                                placeholder=cfg.data.placeholder, replacement=" ".join(concept_tokens),
                                random_crop=cfg.data.random_crop, hflip=cfg.data.hflip, jitter=cfg.data.color_jitter)
 
@@ -87,15 +81,9 @@ def main(cfg: DictConfig) -> float:
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
 
     # -- train
-    recorder = RunRecorder(
-        results_dir, EXPERIMENT, optimizer=name, seed=cfg.seed,
-        hparams={**hparams, "text_lr": cfg.text_lr, "text_reg": cfg.text_reg, "unet_reg": cfg.unet_reg,
-                 "embedding_lr": cfg.edlora.embedding_lr if cfg.edlora.train_embeddings else 0.0,
-                 "fusion_scale": cfg.fusion_scale, "steps": cfg.train.steps, "layers": num_layers},
-        config=OmegaConf.to_container(cfg, resolve=True),
-        tags={"preset": cfg.preset_name, "concept": cfg.concept.name, "text_lr": cfg.text_lr,
-              **({"variant": cfg.variant} if cfg.variant else {})},
-        wandb=OmegaConf.to_container(cfg.wandb) if cfg.wandb and accelerator.is_main_process else None)
+    recorder = D.make_recorder(
+        cfg, EXPERIMENT, name, hparams, results_dir, accelerator, layers=num_layers,
+        embedding_lr=cfg.edlora.embedding_lr if cfg.edlora.train_embeddings else 0.0)
     losses = train_loop(model, optimizer, loader, lambda m, batch: m(**batch), scheduler=scheduler,
                         max_steps=cfg.train.steps, epochs=math.ceil(cfg.train.steps / len(loader)),
                         grad_clip=cfg.train.grad_clip, accelerator=accelerator, recorder=recorder,
@@ -111,18 +99,8 @@ def main(cfg: DictConfig) -> float:
                      text_lora_delta=D.lora_delta_norm(model.text_encoder),
                      token_embedding_delta=(rows - start_rows).norm().item(),
                      token_embedding_norm=rows.norm(dim=-1).mean().item())
-        D.fuse_lora(model.unet, cfg.fusion_scale)
-        D.fuse_lora(model.text_encoder, cfg.fusion_scale)
         prompt = cfg.sample.prompt.replace(cfg.data.placeholder, " ".join(concept_tokens))
-        ids = tokenize([prompt, ""])
-        final.update(D.sample_and_score(
-            model, D.make_sampler(cfg.sample.sampler, sd.noise_scheduler), ids[0], ids[1], cfg.sample.seeds,
-            cfg.data.resolution, cfg.sample.steps, cfg.sample.guidance_scale, cfg.sample.black_threshold,
-
-            strip_path=results_dir / EXPERIMENT / "samples" / f"{recorder.record.run_name}.png",
-            clip_model=cfg.sample.clip_model, references=[D.to_pil(x[None])[0] for x in dataset.images],
-            clip_text=cfg.sample.prompt.replace(cfg.data.placeholder, cfg.concept.class_word)))
-        print(f"{recorder.finish(final)}: black images {final['black_count']}/{final['num_images']}")
+        D.fuse_sample_and_finish(cfg, model, tokenize([prompt, ""]), sd.noise_scheduler, dataset, recorder, final)
     return final.get("black_share", float("nan"))
 
 

@@ -9,14 +9,12 @@ images under each panel. ``--table`` prints the records as the Markdown table of
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `core` without an install
 
-from core import REPO_ROOT, load_records
-from core.diffusion import black_share_figure, records_table
+from core.diffusion import black_share_figure, figure_main, select_records
 
 EXPERIMENT = "object_generation"
 TABLE = [
@@ -33,22 +31,10 @@ TABLE = [
 ]
 
 
-def select(results_dir: str | Path, concept: str, preset: str | None) -> tuple[str, list]:
-    """``(preset, records)`` of ``concept``; ``preset`` defaults to ``full`` if recorded, else ``tiny``."""
-    records = [r for r in load_records(results_dir, EXPERIMENT) if r.tags.get("concept") == concept]
-    presets = {r.tags.get("preset") for r in records}
-    preset = preset or ("full" if "full" in presets else "tiny")
-    records = [r for r in records if r.tags.get("preset") == preset]
-    if not records:
-        raise ValueError(f"no {EXPERIMENT} records for concept {concept!r}, preset {preset!r} in {results_dir} "
-                         f"(presets found: {sorted(p for p in presets if p)})")
-    return preset, records
-
-
 def make_figure(results_dir: str | Path, out_png: str | Path, concept: str = "vase", preset: str | None = None) -> Path:
     """Draw the LR x optimizer grid of ``concept`` (runs of ``preset``, ablation variants left out) from
     ``results_dir/object_generation/`` into ``out_png``; returns its path."""
-    preset, records = select(results_dir, concept, preset)
+    preset, records = select_records(results_dir, EXPERIMENT, concept, preset)
     records = [r for r in records if not r.tags.get("variant")]
     settings = {r.hparams["text_lr"]: (r.hparams["text_reg"], r.hparams["fusion_scale"]) for r in records}
 
@@ -64,17 +50,5 @@ def make_figure(results_dir: str | Path, out_png: str | Path, concept: str = "va
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--results-dir", default=str(REPO_ROOT / "results"))
-    parser.add_argument("--concept", default="vase")
-    parser.add_argument("--preset", default=None, help="full | tiny (default: full if recorded, else tiny)")
-    parser.add_argument("--out", default=None, help="default: <results-dir>/<experiment>/figure_<concept>_<preset>.png")
-    parser.add_argument("--table", action="store_true", help="print the records as a Markdown table instead")
-    args = parser.parse_args()
-    preset, records = select(args.results_dir, args.concept, args.preset)
-    if args.table:
-        records.sort(key=lambda r: (r.tags.get("variant", ""), r.optimizer, -r.hparams["text_lr"]))
-        print(records_table(records, TABLE))
-    else:
-        out = args.out or Path(args.results_dir) / EXPERIMENT / f"figure_{args.concept}_{preset}.png"
-        print(make_figure(args.results_dir, out, args.concept, preset))
+    figure_main(__doc__.splitlines()[0], EXPERIMENT, "vase", make_figure, TABLE,
+                sort_key=lambda r: (r.tags.get("variant", ""), r.optimizer, -r.hparams["text_lr"]))

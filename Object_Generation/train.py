@@ -22,29 +22,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, f
 
 import hydra
 import torch
-from accelerate import Accelerator
 from omegaconf import DictConfig, OmegaConf
 
-from core import REPO_ROOT, RunRecorder, build_optimizer, default_data_root, require_path, seed_everything, train_loop
+from core import build_optimizer, train_loop
 from core import diffusion as D
 
 EXPERIMENT = "object_generation"
 
 
-def concept_folder(cfg: DictConfig, data_root: Path) -> Path:
-    """``concept.dir`` if given, else ``<data_root>/concepts/<concept.name>``."""
-    return Path(cfg.concept.dir) if cfg.concept.dir else data_root / "concepts" / cfg.concept.name
-
-
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     """Train one configuration, generate, record; returns the share of black images."""
-    seed_everything(cfg.seed)
-    if cfg.torch_threads:
-        torch.set_num_threads(cfg.torch_threads)
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
-    data_root = Path(cfg.data_root) if cfg.data_root else default_data_root()
-    results_dir = REPO_ROOT / cfg.results_dir
+    accelerator, data_root, results_dir = D.start_run(cfg)  # seed, threads, accelerator, data and results paths
 
     # -- model: Stable Diffusion (or the tiny random one), LoRA on UNet + text encoder, new placeholder tokens
     sd = D.load_lora_components(cfg, data_root)
@@ -61,22 +50,14 @@ def main(cfg: DictConfig) -> float:
         D.keep_original_embedding_rows(optimizer, sd.text_encoder.get_input_embeddings(), new_ids)
 
     # -- data: the concept images, all with the instance prompt, colour jitter
-    folder = require_path(concept_folder(cfg, data_root), f"concept folder for '{cfg.concept.name}'")
-    dataset = D.ConceptDataset(folder, cfg.data.resolution, prompt=cfg.data.instance_prompt,
+    dataset = D.ConceptDataset(D.concept_folder(cfg, data_root), cfg.data.resolution, prompt=cfg.data.instance_prompt,
                                random_crop=cfg.data.random_crop, hflip=cfg.data.hflip, jitter=cfg.data.color_jitter)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True,
                                          collate_fn=D.make_collate(lambda p: D.tokenize(sd.tokenizer, p)))
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
 
     # -- train
-    recorder = RunRecorder(
-        results_dir, EXPERIMENT, optimizer=name, seed=cfg.seed,
-        hparams={**hparams, "text_lr": cfg.text_lr, "text_reg": cfg.text_reg, "unet_reg": cfg.unet_reg,
-                 "fusion_scale": cfg.fusion_scale, "steps": cfg.train.steps},
-        config=OmegaConf.to_container(cfg, resolve=True),
-        tags={"preset": cfg.preset_name, "concept": cfg.concept.name, "text_lr": cfg.text_lr,
-              **({"variant": cfg.variant} if cfg.variant else {})},
-        wandb=OmegaConf.to_container(cfg.wandb) if cfg.wandb and accelerator.is_main_process else None)
+    recorder = D.make_recorder(cfg, EXPERIMENT, name, hparams, results_dir, accelerator)
     losses = train_loop(model, optimizer, loader, lambda m, batch: m(**batch), max_steps=cfg.train.steps,
                         epochs=math.ceil(cfg.train.steps / len(loader)), grad_clip=cfg.train.grad_clip,
                         accelerator=accelerator, recorder=recorder, desc=f"{name} text_lr={cfg.text_lr:g}",
@@ -90,17 +71,8 @@ def main(cfg: DictConfig) -> float:
                      text_lora_delta=D.lora_delta_norm(model.text_encoder),
                      token_embedding_delta=(model.text_encoder.get_input_embeddings().weight[new_ids].detach()
                                             - start_rows).norm().item())
-        D.fuse_lora(model.unet, cfg.fusion_scale)
-        D.fuse_lora(model.text_encoder, cfg.fusion_scale)
         prompt_ids = D.tokenize(sd.tokenizer, [cfg.sample.prompt, ""])
-        final.update(D.sample_and_score(
-            model, D.make_sampler(cfg.sample.sampler, sd.noise_scheduler), prompt_ids[0], prompt_ids[1],
-            cfg.sample.seeds, cfg.data.resolution, cfg.sample.steps, cfg.sample.guidance_scale,
-            cfg.sample.black_threshold,
-            strip_path=results_dir / EXPERIMENT / "samples" / f"{recorder.record.run_name}.png",
-            clip_model=cfg.sample.clip_model, references=[D.to_pil(x[None])[0] for x in dataset.images],
-            clip_text=cfg.sample.prompt.replace(cfg.data.placeholder, cfg.concept.class_word)))
-        print(f"{recorder.finish(final)}: black images {final['black_count']}/{final['num_images']}")
+        D.fuse_sample_and_finish(cfg, model, prompt_ids, sd.noise_scheduler, dataset, recorder, final)
     return final.get("black_share", float("nan"))
 
 

@@ -13,7 +13,10 @@ Everything here is experiment plumbing, not the method: the optimizers come from
 * training: :class:`LoraDiffusionModel` (``forward(pixel_values, input_ids) -> loss``; ``input_ids`` of shape
   (B, L, T) give one conditioning per cross-attention layer, as EDLoRA needs);
 * evaluation: :func:`generate` (seeded, classifier-free guidance), :func:`black_image_mask`,
-  :func:`clip_similarity` (only when a CLIP model path is given), :func:`image_grid`.
+  :func:`clip_similarity` (only when a CLIP model path is given), :func:`image_grid`;
+* run plumbing shared by the two ``train.py``: :func:`start_run`, :func:`concept_folder`, :func:`make_recorder`,
+  :func:`fuse_sample_and_finish`;
+  and by the two ``make_figure.py``: :func:`select_records`, :func:`figure_main`.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ __all__ = [
     "keep_original_embedding_rows", "add_lora", "lora_layers", "lora_delta_norm", "fuse_lora",
     "optimizer_settings", "tokenize", "LoraDiffusionModel", "make_collate", "make_sampler", "generate",
     "black_image_mask", "to_pil", "clip_similarity", "sample_and_score", "image_grid", "save_strip", "load_strip",
-    "black_share_figure", "records_table",
+    "black_share_figure", "records_table", "start_run", "concept_folder", "make_recorder", "select_records",
+    "figure_main", "fuse_sample_and_finish",
 ]  # fmt: skip
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -656,3 +660,102 @@ def records_table(records: Sequence, columns: Sequence[tuple[str, Callable]]) ->
     lines = ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(f(r)) for _, f in columns) + " |" for r in records]
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------- run plumbing
+def start_run(cfg) -> tuple:
+    """The opening of a diffusion run: seed, torch threads, the accelerator; returns ``(accelerator, data_root,
+    results_dir)`` (``cfg.data_root`` or :func:`core.default_data_root`; ``cfg.results_dir`` below the repo)."""
+    from accelerate import Accelerator
+
+    from .training import REPO_ROOT, default_data_root, seed_everything
+
+    seed_everything(cfg.seed)
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    data_root = Path(cfg.data_root) if cfg.data_root else default_data_root()
+    return accelerator, data_root, REPO_ROOT / cfg.results_dir
+
+
+def concept_folder(cfg, data_root: str | Path) -> Path:
+    """``cfg.concept.dir`` if given, else ``<data_root>/concepts/<cfg.concept.name>``; a clear error if absent."""
+    from .training import require_path
+
+    folder = Path(cfg.concept.dir) if cfg.concept.dir else Path(data_root) / "concepts" / cfg.concept.name
+    return require_path(folder, f"concept folder for '{cfg.concept.name}'")
+
+
+def make_recorder(cfg, experiment: str, optimizer: str, hparams: dict, results_dir: str | Path, accelerator,
+                  **extra_hparams):
+    """The run's :class:`core.RunRecorder`: the optimizer's hyperparameters, the text-encoder/UNet settings and
+    ``extra_hparams``; tags preset, concept, text_lr (and variant); wandb on the main process only."""
+    from omegaconf import OmegaConf
+
+    from .results import RunRecorder
+
+    return RunRecorder(
+        results_dir, experiment, optimizer=optimizer, seed=cfg.seed,
+        hparams={**hparams, "text_lr": cfg.text_lr, "text_reg": cfg.text_reg, "unet_reg": cfg.unet_reg,
+                 "fusion_scale": cfg.fusion_scale, "steps": cfg.train.steps, **extra_hparams},
+        config=OmegaConf.to_container(cfg, resolve=True),
+        tags={"preset": cfg.preset_name, "concept": cfg.concept.name, "text_lr": cfg.text_lr,
+              **({"variant": cfg.variant} if cfg.variant else {})},
+        wandb=OmegaConf.to_container(cfg.wandb) if cfg.wandb and accelerator.is_main_process else None,
+    )  # fmt: skip
+
+
+def fuse_sample_and_finish(cfg, model: LoraDiffusionModel, prompt_ids: torch.Tensor, train_scheduler, dataset,
+                           recorder, final: dict) -> dict:
+    """The end of a diffusion run (main process): fuse the LoRA weights at ``cfg.fusion_scale``, generate one image
+    per ``cfg.sample.seeds`` from ``prompt_ids`` = [prompt, empty prompt], score them (black share, CLIP against the
+    class word and the concept images if ``cfg.sample.clip_model``), save the strip beside the record as
+    ``samples/<run_name>.png``, and write the record with ``final`` updated by these metrics; returns ``final``."""
+    fuse_lora(model.unet, cfg.fusion_scale)
+    fuse_lora(model.text_encoder, cfg.fusion_scale)
+    final.update(sample_and_score(
+        model, make_sampler(cfg.sample.sampler, train_scheduler), prompt_ids[0], prompt_ids[1], cfg.sample.seeds,
+        cfg.data.resolution, cfg.sample.steps, cfg.sample.guidance_scale, cfg.sample.black_threshold,
+        strip_path=Path(recorder.path).parent / "samples" / f"{recorder.record.run_name}.png",
+        clip_model=cfg.sample.clip_model, references=[to_pil(x[None])[0] for x in dataset.images],
+        clip_text=cfg.sample.prompt.replace(cfg.data.placeholder, cfg.concept.class_word)))  # fmt: skip
+    print(f"{recorder.finish(final)}: black images {final['black_count']}/{final['num_images']}")
+    return final
+
+
+def select_records(results_dir: str | Path, experiment: str, concept: str, preset: str | None) -> tuple[str, list]:
+    """``(preset, records)`` of ``concept`` in ``results_dir/<experiment>``; ``preset`` defaults to ``full`` if
+    recorded, else ``tiny``. No record is a clear error listing the presets found."""
+    from .results import load_records
+
+    records = [r for r in load_records(results_dir, experiment) if r.tags.get("concept") == concept]
+    presets = {r.tags.get("preset") for r in records}
+    preset = preset or ("full" if "full" in presets else "tiny")
+    records = [r for r in records if r.tags.get("preset") == preset]
+    if not records:
+        raise ValueError(f"no {experiment} records for concept {concept!r}, preset {preset!r} in {results_dir} "
+                         f"(presets found: {sorted(p for p in presets if p)})")
+    return preset, records
+
+
+def figure_main(description: str, experiment: str, default_concept: str, make_figure: Callable,
+                table: Sequence[tuple[str, Callable]], sort_key: Callable, argv: Sequence[str] | None = None) -> None:
+    """The command line of a ``make_figure.py``: draw ``make_figure(results_dir, out, concept, preset)`` or, with
+    ``--table``, print the records as a Markdown table (rows sorted by ``sort_key``)."""
+    import argparse
+
+    from .training import REPO_ROOT
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--results-dir", default=str(REPO_ROOT / "results"))
+    parser.add_argument("--concept", default=default_concept)
+    parser.add_argument("--preset", default=None, help="full | tiny (default: full if recorded, else tiny)")
+    parser.add_argument("--out", default=None, help="default: <results-dir>/<experiment>/figure_<concept>_<preset>.png")
+    parser.add_argument("--table", action="store_true", help="print the records as a Markdown table instead")
+    args = parser.parse_args(argv)
+    preset, records = select_records(args.results_dir, experiment, args.concept, args.preset)
+    if args.table:
+        print(records_table(sorted(records, key=sort_key), table))
+    else:
+        out = args.out or Path(args.results_dir) / experiment / f"figure_{args.concept}_{preset}.png"
+        print(make_figure(args.results_dir, out, args.concept, preset))
