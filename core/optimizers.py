@@ -33,7 +33,7 @@ __all__ = ["LoraOptimizer", "ScaledGD", "ScaledAdamW", "sgd_update", "adamw_upda
 
 
 class NonFiniteGradientError(FloatingPointError):
-    """A gradient holds inf or NaN; raised before any parameter is changed."""
+    """A gradient (or the update direction made from a finite one) holds inf or NaN; raised before any change."""
 
 
 def _names(names: list[str]) -> str:
@@ -448,7 +448,8 @@ class ScaledGD(LoraOptimizer):
         lr: learning rate. weight_decay: decoupled weight decay. momentum: heavy-ball momentum (0 = none).
         reg: ridge ``reg I`` added to the r x r Gram matrices (>= 0; see core.preconditioner for reg = 0).
         precondition: apply the preconditioner to LoRA pairs. check_finite: raise
-            :class:`NonFiniteGradientError` (before changing anything) when a gradient holds inf or nan.
+            :class:`NonFiniteGradientError` (before changing anything) when a gradient or an update direction
+            holds inf or nan.
     """
 
     def __init__(
@@ -500,7 +501,8 @@ class ScaledAdamW(LoraOptimizer):
         reg: ridge ``reg I`` added to the r x r Gram matrices (>= 0; see core.preconditioner for reg = 0).
         bias_correction: AdamW's bias correction (True as in torch).
         precondition: apply the preconditioner to LoRA pairs.
-        check_finite: raise :class:`NonFiniteGradientError` (before changing anything) on inf/nan gradients.
+        check_finite: raise :class:`NonFiniteGradientError` (before changing anything) on an inf/nan gradient or
+            update direction.
         fused: use torch's fused AdamW kernel (default: where it applies: CPU/CUDA, bias correction on).
     """
 

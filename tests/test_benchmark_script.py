@@ -1,0 +1,36 @@
+"""The speed benchmark's plumbing (not its timings: speed is measured by running it, never asserted in tests)."""
+
+import importlib.util
+
+import pytest
+
+from core import REPO_ROOT
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("optimizer_step", REPO_ROOT / "benchmarks" / "optimizer_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_runs_every_candidate_and_writes_warm_cold_and_floor_tables(monkeypatch, tmp_path):
+    bench = _load()
+    monkeypatch.setitem(bench.CASES, "tiny", ([(16, 8), (16, 24)], 2, 2))
+    out = tmp_path / "table.md"
+    text = bench.main(["--cases", "tiny", "--rounds", "2", "--steps", "2", "--threads", "1", "--out", str(out)])
+    assert out.read_text() == text + "\n"
+    for section in ("## warm", "## cold", "## compute floor"):
+        assert section in text
+    rows = [line for line in text.splitlines() if line.startswith("| tiny |")]
+    assert len(rows) == 3 and all(line.count(" ms [") == 5 for line in rows[:2])
+    # per pair 4 r² (n + m): 2 layers x (4·4·24 + 4·4·40) flops
+    assert bench.preconditioner_flops("tiny") == 2 * (16 * 24 + 16 * 40)
+
+
+def test_benchmark_rejects_bad_arguments():
+    bench = _load()
+    with pytest.raises(SystemExit):
+        bench.main(["--cases", "gpt2m_r5"])
+    with pytest.raises(SystemExit):
+        bench.main(["--steps", "1"])
