@@ -2,6 +2,7 @@
 
 import copy
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -127,6 +128,7 @@ DDP_SCRIPT = textwrap.dedent(
         opt.step()
     if rank == 0:
         torch.save(model.module.state_dict(), {out!r})
+    dist.barrier()  # neither rank tears gloo down while the other still uses it
     dist.destroy_process_group()
     """
 )
@@ -137,7 +139,10 @@ def test_two_process_ddp_equals_single_process(tmp_path):
     out = tmp_path / "ddp.pt"
     script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out)))
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", str(script)]
+    with socket.socket() as free:  # a port nothing else holds (a fixed one can linger from an earlier run)
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", str(script)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
