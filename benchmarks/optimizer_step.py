@@ -19,8 +19,9 @@ Prints, for warm and for cold steps, a table of medians with the interquartile r
 are stated in:
 scaled_adamw / torch_adamw_foreach (target <= 1.25 on CPU, <= 1.10 vs fused AdamW on a GPU) and
 peft_riemannian / scaled_adamw (target >= 5 at GPT-2-medium r=4). A last table gives the compute floor: the time
-the preconditioner's matrix products need at the device's best float32 matmul throughput, as a multiple of the
-baseline AdamW step: no implementation's scaled AdamW step can take less than the floor plus an AdamW update.
+the preconditioner's matrix products need (a lower bound on their operation count, at the device's best float32
+matmul throughput), as a multiple of the baseline AdamW step: no implementation's scaled AdamW step can take less
+than the floor plus an AdamW update.
 """
 
 from __future__ import annotations
@@ -107,10 +108,11 @@ def bench_case(
 
 
 def preconditioner_flops(case: str) -> float:
-    """Floating-point operations of the preconditioner per step: per pair (A: r x n, B: m x r) the Gram matrices
-    BᵀB and AAᵀ (2 m r² + 2 n r²) and the products G_A = Gram⁻¹ ∇A and G_B = ∇B Gram⁻¹ (2 r² n + 2 m r²)."""
+    """A lower bound on the floating-point operations of the preconditioner per step. Per pair (A: r x n, B: m x r)
+    the products G_A = Gram⁻¹ ∇A and G_B = ∇B Gram⁻¹ take 2 r² n + 2 m r², and the Gram matrices BᵀB and AAᵀ at
+    least m r² + n r² (their lower triangles only; this implementation computes both triangles): 3 r² (m + n)."""
     shapes, layers, r = CASES[case]
-    return layers * sum(4.0 * r * r * (n_in + n_out) for n_in, n_out in shapes)
+    return layers * sum(3.0 * r * r * (n_in + n_out) for n_in, n_out in shapes)
 
 
 def matmul_flops_per_second(device: str, size: int = 2048, reps: int = 5) -> float:
@@ -183,7 +185,8 @@ def main(argv=None) -> str:
     speed = matmul_flops_per_second(args.device)
     lines += [
         "",
-        f"## compute floor: the preconditioner's products at the {speed / 1e9:.0f} GFLOP/s of a 2048² float32 matmul",
+        f"## compute floor: the preconditioner's products (a lower bound on their GFLOP) at the {speed / 1e9:.0f} "
+        "GFLOP/s of a 2048² float32 matmul",
         "",
         f"| case | GFLOP per step | floor | floor / {baseline} (warm) |",
         "|---|---|---|---|",

@@ -24,8 +24,8 @@ def test_benchmark_runs_every_candidate_and_writes_warm_cold_and_floor_tables(mo
         assert section in text
     rows = [line for line in text.splitlines() if line.startswith("| tiny |")]
     assert len(rows) == 3 and all(line.count(" ms [") == 5 for line in rows[:2])
-    # per pair 4 r² (n + m): 2 layers x (4·4·24 + 4·4·40) flops
-    assert bench.preconditioner_flops("tiny") == 2 * (16 * 24 + 16 * 40)
+    # per pair 3 r² (n + m): 2 layers x (3·4·24 + 3·4·40) flops
+    assert bench.preconditioner_flops("tiny") == 2 * (12 * 24 + 12 * 40)
 
 
 def test_benchmark_rejects_bad_arguments():
