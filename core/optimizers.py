@@ -179,7 +179,6 @@ class LoraOptimizer(torch.optim.Optimizer):
     def __init__(self, params: Iterable, defaults: dict, precondition: bool, check_finite: bool):
         self.precondition = precondition
         self.check_finite = check_finite
-        self._bucket_cache: dict[int, list] = {}
         self._plan_cache: dict[int, _Plan] = {}
         params = list(params)
         if params and all(isinstance(p, LoraPair) for p in params):
@@ -194,12 +193,10 @@ class LoraOptimizer(torch.optim.Optimizer):
         except ValueError:
             self.param_groups.pop()
             raise
-        self._bucket_cache.clear()
         self._plan_cache.clear()
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
-        self._bucket_cache.clear()
         self._plan_cache.clear()
 
     def _validate_group(self, group: dict) -> None:
@@ -208,25 +205,6 @@ class LoraOptimizer(torch.optim.Optimizer):
         _check_nonnegative("reg", group["reg"])
 
     # -- preconditioning ---------------------------------------------------------------------------------------
-    def _buckets(self, gi: int, group: dict) -> list[tuple[str, int, list[tuple[int, int]]]]:
-        """Static bucketing of one group's factors: (side, blocks, [(factor index, partner index), ...]).
-
-        Side "A" means the factor is an A (its direction uses the partner B's Gram matrix), "B" the converse.
-        Factors of a bucket share shapes, blocks, dtype and device, so they stack.
-        """
-        if gi in self._bucket_cache:
-            return self._bucket_cache[gi]
-        params = group["params"]
-        buckets: dict[tuple, list[tuple[int, int]]] = defaultdict(list)
-        for ia, ib, blocks in group["pairs"]:
-            A, B = params[ia], params[ib]
-            key = (A.shape, B.shape, blocks, A.dtype, A.device)
-            buckets[("A",) + key].append((ia, ib))
-            buckets[("B",) + key].append((ib, ia))
-        out = [(key[0], key[3], members) for key, members in buckets.items()]
-        self._bucket_cache[gi] = out
-        return out
-
     def _plan(self, gi: int, group: dict) -> _Plan:
         """Which parameters have gradients and how their directions are computed; rebuilt when that set changes."""
         params = group["params"]
@@ -238,7 +216,7 @@ class LoraOptimizer(torch.optim.Optimizer):
         position = {i: k for k, i in enumerate(indices)}
         buckets = []
         if self.precondition:
-            for side, blocks, members in self._buckets(gi, group):
+            for side, blocks, members in _bucket_members(group):
                 members = [(i, j) for i, j in members if mask[i]]
                 if members:
                     buckets.append(_Bucket(side, blocks, members, [position[i] for i, _ in members], params))
@@ -325,6 +303,22 @@ class LoraOptimizer(torch.optim.Optimizer):
 
     def _update(self, group: dict, params: list[Tensor], directions: list[Tensor], plan: _Plan) -> None:
         raise TypeError(f"{type(self).__name__} must implement _update")  # pragma: no cover
+
+
+def _bucket_members(group: dict) -> list[tuple[str, int, list[tuple[int, int]]]]:
+    """One group's factors by side and shape: (side, blocks, [(factor index, partner index), ...]).
+
+    Side "A" means the factor is an A (its direction uses the partner B's Gram matrix), "B" the converse.
+    Factors of one entry share shapes, blocks, dtype and device, so they stack.
+    """
+    params = group["params"]
+    buckets: dict[tuple, list[tuple[int, int]]] = defaultdict(list)
+    for ia, ib, blocks in group["pairs"]:
+        A, B = params[ia], params[ib]
+        key = (A.shape, B.shape, blocks, A.dtype, A.device)
+        buckets[("A",) + key].append((ia, ib))
+        buckets[("B",) + key].append((ib, ia))
+    return [(key[0], key[3], members) for key, members in buckets.items()]
 
 
 # Factors with at most this many elements are stacked per bucket (one batched product for all); larger ones get one
