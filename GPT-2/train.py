@@ -1,8 +1,8 @@
 """LoRA fine-tuning on E2E NLG with the paper's optimizers: train, select on validation, beam-decode, score.
 
     python GPT-2/train.py optim=adamw                                    # the paper recipe (GPT-2 medium)
-    python GPT-2/train.py experiment=smollm2_cpu optim=scaled_adamw      # CPU-sized reproduction
-    python GPT-2/train.py -m experiment=smollm2_cpu sweep=lr_adamw_vs_scaled_adamw
+    python GPT-2/train.py preset=smollm2_cpu optim=scaled_adamw          # CPU-sized reproduction
+    python GPT-2/train.py -m preset=smollm2_cpu sweep=lr_adamw_vs_scaled_adamw
     accelerate launch GPT-2/train.py optim=scaled_adamw                  # multi-GPU (DDP)
 
 Config: GPT-2/conf/config.yaml (every default commented there). Writes one record per run to
@@ -35,7 +35,7 @@ from models import load_model  # noqa: E402
 
 EXPERIMENT = "gpt2_e2e"
 OmegaConf.register_new_resolver("repo_root", lambda: str(core.REPO_ROOT), replace=True)
-OmegaConf.register_new_resolver("default_data_root", lambda: str(core.default_data_root()), replace=True)
+OmegaConf.register_new_resolver("data_root", lambda: str(core.default_data_root()), replace=True)  # registered by harness.resolvers after the merge
 
 
 def lm_loss(model: torch.nn.Module, batch: dict, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -67,8 +67,8 @@ def check_config(cfg: DictConfig) -> None:
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     check_config(cfg)
-    if cfg.num_threads:
-        torch.set_num_threads(int(cfg.num_threads))
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
     from accelerate import Accelerator
 
     accelerator = Accelerator()

@@ -196,3 +196,5 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("data_root", lambda: str(default_data_root()))
     if not OmegaConf.has_resolver("package_dir"):
         OmegaConf.register_new_resolver("package_dir", package_dir)
+    repo_root = str(Path(__file__).resolve().parents[1])  # registered by harness.resolvers after the merge
+    OmegaConf.register_new_resolver("repo_root", lambda: repo_root, replace=True)  # registered by harness.resolvers after the merge

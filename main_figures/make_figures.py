@@ -37,8 +37,8 @@ PRODUCERS: dict[str, str] = {
     "gpt2_e2e": "bash GPT-2/scripts/cpu_lr_sweep.sh && bash GPT-2/scripts/cpu_peers.sh "
     "(GPU, paper scale: GPT-2/README.md)",
     "gpt2_runtime": "bash GPT-2/scripts/runtime.sh",
-    "glue": "bash Mistral-7B/scripts/sweep_minilm_lr.sh && bash Mistral-7B/scripts/sweep_minilm_lr_sgd.sh "
-    "(GPU, paper Table 2: bash Mistral-7B/scripts/sweep_paper.sh)",
+    "glue": "bash Mistral-7B/scripts/sweep.sh minilm_lr && bash Mistral-7B/scripts/sweep.sh minilm_lr_sgd "
+    "(GPU, paper Table 2: bash Mistral-7B/scripts/sweep.sh paper)",
     "object_generation": "bash Object_Generation/scripts/tiny_grid.sh "
     "(GPU, paper: bash Object_Generation/scripts/fig1_vase.sh)",
     "mix_of_show": "bash Mix-of-Show/scripts/tiny_grid.sh (GPU, paper: bash Mix-of-Show/scripts/fig3_edlora.sh)",

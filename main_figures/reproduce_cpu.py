@@ -50,10 +50,10 @@ def default_steps(python: str = sys.executable) -> list[Step]:
         Step("gpt2_lr", "SmolLM2-135M on E2E: LR sweep of AdamW vs scaled AdamW (1e-5 to 1e-2)",
              *_bash("GPT-2/scripts/cpu_lr_sweep.sh")),
         Step("glue", "MiniLM-L6 on SST-2: LR sweep of AdamW vs scaled AdamW (1e-5 to 1e-2), SGD and scaled GD tuned",
-             [["bash", "Mistral-7B/scripts/sweep_minilm_lr.sh", "optim=adamw,scaled_adamw"],
-              ["bash", "Mistral-7B/scripts/minilm_sst2_sgd.sh"], ["bash", "Mistral-7B/scripts/minilm_sst2_scaled_gd.sh"]],
-             ["Mistral-7B/scripts/sweep_minilm_lr.sh", "Mistral-7B/scripts/minilm_sst2_sgd.sh",
-              "Mistral-7B/scripts/minilm_sst2_scaled_gd.sh"]),
+             [["bash", "Mistral-7B/scripts/sweep.sh", "minilm_lr", "optim=adamw,scaled_adamw"],
+              ["bash", "Mistral-7B/scripts/minilm_sst2.sh", "sgd"],
+              ["bash", "Mistral-7B/scripts/minilm_sst2.sh", "scaled_gd"]],
+             ["Mistral-7B/scripts/sweep.sh", "Mistral-7B/scripts/minilm_sst2.sh"]),
         Step("figures", "every figure and table from results/ into main_figures/out/",
              [[python, "main_figures/make_figures.py"]], ["main_figures/make_figures.py"]),
         Step("gpt2_peers", "SmolLM2-135M on E2E: LR sweep of the peers (PEFT Riemannian, LoRA+, LoRA-RITE)",
@@ -63,10 +63,10 @@ def default_steps(python: str = sys.executable) -> list[Step]:
         Step("gpt2_runtime", "runtime per step at LoRA rank 4 and 256 (GPT-2 medium shape, random weights)",
              *_bash("GPT-2/scripts/runtime.sh"), default=False),
         Step("glue_peers", "MiniLM-L6 on SST-2: LR sweep of the peers",
-             *_bash("Mistral-7B/scripts/sweep_minilm_lr.sh", extra=("optim=peft_riemannian,loraplus,lora_rite",)),
+             *_bash("Mistral-7B/scripts/sweep.sh", extra=("minilm_lr", "optim=peft_riemannian,loraplus,lora_rite")),
              default=False),
         Step("glue_sgd", "MiniLM-L6 on SST-2: LR sweep of SGD vs scaled GD",
-             *_bash("Mistral-7B/scripts/sweep_minilm_lr_sgd.sh"), default=False),
+             *_bash("Mistral-7B/scripts/sweep.sh", extra=("minilm_lr_sgd",)), default=False),
     ]  # fmt: skip
 
 

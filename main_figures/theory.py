@@ -50,6 +50,7 @@ from tqdm import tqdm  # noqa: E402
 from core import REPO_ROOT, RunRecorder, build_optimizer  # noqa: E402
 
 EXPERIMENT = "theory"
+OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT), replace=True)  # registered by harness.resolvers after the merge
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 CONDITIONINGS = ("target", "data")
 DTYPE = torch.float64  # relative losses down to 1e-12 need double precision
@@ -273,7 +274,7 @@ def load_optim(name: str) -> dict:
 
 
 def results_root(cfg: DictConfig) -> Path:
-    return Path(cfg.results_dir) if cfg.results_dir else REPO_ROOT / "results"
+    return Path(cfg.results_dir)
 
 
 def run_and_record(cfg: DictConfig, problem: Problem, optim: dict) -> tuple[RunResult, Path]:
@@ -337,7 +338,8 @@ def run_grid(cfg: DictConfig) -> dict[tuple[str, float, str, float], RunResult]:
 
 def run(cfg: DictConfig) -> float | dict:
     """``mode=grid``: the whole grid (returns the results by job); ``mode=single``: one run (its relative loss)."""
-    torch.set_num_threads(int(cfg.threads))
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
     if cfg.mode == "single":
         return run_single(cfg)
     if cfg.mode == "grid":
