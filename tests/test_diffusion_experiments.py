@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,7 +44,7 @@ def _compose(experiment, overrides=(), hydra_config=False):
 def test_configs_compose_with_every_option(experiment):
     conf = FOLDERS[experiment] / "conf"
     base = _compose(experiment)
-    assert base.preset_name == "full" and base.model.pretrained in ("stable-diffusion-v1-5/stable-diffusion-v1-5",
+    assert base.tags.preset == "full" and base.model.pretrained in ("stable-diffusion-v1-5/stable-diffusion-v1-5",
                                                                     "windwhinny/chilloutmix")
     for group in ("optim", "paper_lr", "concept", "preset"):
         for option in sorted((conf / group).glob("*.yaml")):
@@ -52,8 +53,16 @@ def test_configs_compose_with_every_option(experiment):
                 assert cfg.optim.name == option.stem
     tiny = _compose(experiment, ["preset=tiny"])
     assert tiny.model.pretrained is None and tiny.model.tiny.resolution == tiny.data.resolution == 32
+    assert (tiny.tags.preset, tiny.threads, base.threads, base.wandb) == ("tiny", 1, None, None)
     with pytest.raises(Exception, match="nosuch"):
         _compose(experiment, ["optim=nosuch"])
+
+
+@pytest.mark.parametrize("experiment", list(FOLDERS))
+def test_paths_default_to_the_repository_and_the_shared_data(experiment, data_root):
+    base = _compose(experiment)
+    assert Path(base.results_dir) == REPO_ROOT / "results" and Path(base.data.root) == data_root
+    assert Path(base.model.gpt2_dir) == data_root / "gpt2-tokenizer"
 
 
 def test_paper_settings_are_versioned_in_the_configs():
@@ -70,13 +79,6 @@ def test_paper_settings_are_versioned_in_the_configs():
     assert sweep.optim == "adamw,scaled_adamw" and len(sweep.paper_lr.split(",")) == 4
     sweep = _compose("mix_of_show", ["sweep=paper"], hydra_config=True).hydra.sweeper.params
     assert len(sweep.paper_lr.split(",")) == 3
-
-
-@pytest.mark.parametrize("experiment", list(FOLDERS))
-def test_scripts_call_the_hydra_entry_point(experiment):
-    for script in (FOLDERS[experiment] / "scripts").glob("*.sh"):
-        commands = [l for l in script.read_text().splitlines() if l.strip() and not l.startswith("#")]
-        assert len(commands) == 1 and "/../train.py\" -m sweep=" in commands[0], script
 
 
 # ------------------------------------------------------------------------------------------------ end to end
@@ -191,7 +193,7 @@ def test_full_scale_loading_path_with_a_local_diffusers_folder(tmp_path, data_ro
     torch.testing.assert_close(loaded.unet.conv_in.weight, sd.unet.conv_in.weight)
     train = _load(FOLDERS["object_generation"], "train")
     cfg = _compose("object_generation", _tiny_overrides(tmp_path, "scaled_adamw", f"model.pretrained={folder}",
-                                                        "model.tiny=null", "preset_name=local"))
+                                                        "model.tiny=null", "tags.preset=local"))
     train.main(cfg)
     [record] = load_records(tmp_path, "object_generation")
     assert record.tags["preset"] == "local" and record.config["model"]["pretrained"] == str(folder)

@@ -143,7 +143,7 @@ def test_missing_results_are_listed_with_the_command_that_makes_them(tmp_path, c
     assert make_figures.main(["--results", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")]) == 0
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "failed" not in summary
-    for cmd in ("python main_figures/theory.py", "Mistral-7B/scripts/sweep_minilm_lr.sh"):
+    for cmd in ("python main_figures/theory.py", "bash Mistral-7B/scripts/sweep.sh minilm_lr"):
         assert cmd in summary
     assert summary.count("| missing |") == len(make_figures.PRODUCTS) + len(make_figures.SWEPT)
     assert "0 built" in capsys.readouterr().out
