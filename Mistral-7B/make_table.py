@@ -106,7 +106,7 @@ def make_table(results_dir: str | Path = RESULTS, preset: str | None = None) -> 
 def make_sweep_table(results_dir: str | Path = RESULTS, preset: str = "minilm_sst2", task: str = "sst2") -> str:
     """Metric x 100 per optimizer (rows) and learning rate (columns), mean ± std where several seeds ran;
     † marks runs stopped by a non-finite gradient; last column: step time, the smallest of the runs' median
-    step times (the least disturbed by other jobs on a shared machine)."""
+    step times (timing noise only ever adds time)."""
     by_optim = _group(_records(results_dir, (preset,), task), lambda r: r.optimizer, lambda r: r.hparams["lr"])
     lrs = sorted({lr for by_lr in by_optim.values() for lr in by_lr})
     rows = []

@@ -1,7 +1,7 @@
 """The official E2E metrics (GPT-2/e2e_metrics.py) and the scoring command (GPT-2/evaluate.py).
 
 The data-driven tests read the shared data folder ($RPLORA_DATA, default <repo>/../shared/data). Their expected
-values beyond the published TGen scores were produced here by the official script (tuetschek/e2e-metrics,
+values beyond the published TGen scores were produced by running the official script (tuetschek/e2e-metrics,
 measure_scores.py at commit 1b9c4d8, Perl mteval-v13a-sig and COCO caption code, BLEU/NIST printed with %.17e).
 """
 import importlib.util
