@@ -5,6 +5,7 @@
     schema_version, experiment, optimizer, hparams, seed, config, tags, run_name, command, created,
     hardware {device, cpu, gpu, torch, threads},
     steps [{step, loss, lr, time_s, ...}], evals [{step, ...}], final_metrics {...}, step_time_s (median time_s)
+    status (optional: running | done | diverged | failed | interrupted; absent in older records)
 
 ``run_name`` defaults to a slug of optimizer, learning rate, ``reg`` (for the optimizers that have one), seed and
 tags, so re-running one configuration replaces its record and runs that differ in any of these keep their own. ``main_figures/`` reads records with :func:`load_records`.
@@ -20,6 +21,7 @@ import platform
 import re
 import statistics
 import sys
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,9 +29,18 @@ from typing import Any
 
 import torch
 
-__all__ = ["RunRecord", "RunRecorder", "load_records", "hardware_info", "default_run_name", "SCHEMA_VERSION"]
+__all__ = [
+    "RunRecord", "RunRecorder", "load_records", "hardware_info", "default_run_name", "SCHEMA_VERSION",
+    "InvalidRecordWarning", "RUN_STATUSES",
+]  # fmt: skip
 
 SCHEMA_VERSION = 1
+# The values of a record's optional top-level ``status`` (``None``: a record written before it existed).
+RUN_STATUSES = ("running", "done", "diverged", "failed", "interrupted")
+
+
+class InvalidRecordWarning(UserWarning):
+    """A ``.json`` file of a results folder that is not valid JSON or not a run record; it was skipped."""
 
 
 def hardware_info() -> dict[str, Any]:
@@ -62,14 +73,23 @@ class RunRecord:
     command: str = ""
     created: str = ""
     schema_version: int = SCHEMA_VERSION
+    status: str | None = None  # one of RUN_STATUSES; None in records written before the field existed
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> "RunRecord":
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: not a run record (a JSON {type(data).__name__}, not an object)")
         names = {f.name for f in dataclasses.fields(cls)}
         missing = {"experiment", "optimizer", "hparams", "seed"} - set(data)
         unknown = set(data) - names
         if missing or unknown:
             raise ValueError(f"{source}: not a run record (missing {sorted(missing)}, unknown {sorted(unknown)})")
+        types = {"experiment": str, "optimizer": str, "hparams": dict, "seed": int}
+        wrong = [f"{k} is {type(data[k]).__name__}" for k, t in types.items() if not isinstance(data[k], t)]
+        if wrong:
+            raise ValueError(f"{source}: not a run record ({', '.join(wrong)})")
+        if data.get("status") is not None and data["status"] not in RUN_STATUSES:
+            raise ValueError(f"{source}: status {data['status']!r}, expected one of {RUN_STATUSES} or null")
         if data.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
             raise ValueError(f"{source}: schema_version {data['schema_version']}, expected {SCHEMA_VERSION}")
         return cls(**data)
@@ -176,10 +196,34 @@ class RunRecorder:
         return self.path
 
 
-def load_records(results_dir: str | os.PathLike, experiment: str | None = None) -> list[RunRecord]:
-    """All records under ``results_dir`` (or its ``experiment`` folder), sorted by path."""
+def _read_record(path: Path) -> RunRecord:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError (e.g. a truncated or binary file)
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    return RunRecord.from_dict(data, str(path))
+
+
+def load_records(
+    results_dir: str | os.PathLike, experiment: str | None = None, on_invalid: str = "raise"
+) -> list[RunRecord]:
+    """All records under ``results_dir`` (or its ``experiment`` folder), sorted by path.
+
+    A ``.json`` file that is not valid JSON or not a run record raises ``ValueError`` naming the file
+    (``on_invalid="raise"``), or is skipped with an :class:`InvalidRecordWarning` naming it (``"warn"``).
+    """
+    if on_invalid not in ("raise", "warn"):
+        raise ValueError(f"on_invalid must be 'raise' or 'warn', not {on_invalid!r}")
     root = Path(results_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"results folder '{root}' does not exist")
     pattern = f"{experiment}/*.json" if experiment else "*/*.json"
-    return [RunRecord.from_dict(json.loads(p.read_text()), str(p)) for p in sorted(root.glob(pattern))]
+    records = []
+    for path in sorted(root.glob(pattern)):
+        try:
+            records.append(_read_record(path))
+        except ValueError as err:
+            if on_invalid == "raise":
+                raise
+            warnings.warn(f"skipped {err}", InvalidRecordWarning, stacklevel=2)
+    return records
