@@ -17,11 +17,11 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent)]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for core and harness
+
 from glue_metrics import GLUE_TASKS, primary_metric  # noqa: E402
 
-from core import REPO_ROOT, load_records  # noqa: E402
+from harness import REPO_ROOT, load_records  # noqa: E402
 
 EXPERIMENT = "glue"
 OPTIMIZERS = ("sgd", "scaled_gd", "adamw", "scaled_adamw", "peft_riemannian", "loraplus", "lora_rite")
