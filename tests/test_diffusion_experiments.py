@@ -34,7 +34,7 @@ def _compose(experiment, overrides=(), hydra_config=False):
 def test_configs_compose_with_every_option(experiment):
     conf = FOLDERS[experiment] / "conf"
     base = _compose(experiment)
-    assert base.preset_name == "full" and base.model.pretrained in ("stable-diffusion-v1-5/stable-diffusion-v1-5",
+    assert base.tags.preset == "full" and base.model.pretrained in ("stable-diffusion-v1-5/stable-diffusion-v1-5",
                                                                     "windwhinny/chilloutmix")
     for group in ("optim", "paper_lr", "concept", "preset"):
         for option in sorted((conf / group).glob("*.yaml")):
@@ -182,7 +182,7 @@ def test_full_scale_loading_path_with_a_local_diffusers_folder(tmp_path, data_ro
     torch.testing.assert_close(loaded.unet.conv_in.weight, sd.unet.conv_in.weight)
     train = _load("object_generation", "train")
     cfg = _compose("object_generation", _tiny_overrides(tmp_path, "scaled_adamw", f"model.pretrained={folder}",
-                                                        "model.tiny=null", "preset_name=local"))
+                                                        "model.tiny=null", "tags.preset=local"))
     train.main(cfg)
     [record] = load_records(tmp_path, "object_generation")
     assert record.tags["preset"] == "local" and record.config["model"]["pretrained"] == str(folder)

@@ -1,5 +1,6 @@
 """Mistral-7B/train.py end to end on CPU: a tiny Mistral built in code, LoRA on q,k,v,o,gate, a GLUE-format
 fixture, a few Trainer steps with each optimizer, the results record, Table 2 from the records."""
+import importlib.util
 import json
 import math
 import re
