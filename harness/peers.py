@@ -51,7 +51,8 @@ def _lora_rite_class():
                 for p in params:
                     state = self.state[p]
                     if not state:
-                        state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                        state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
+                                     exp_avg_sq=torch.zeros_like(p))
                 states = [self.state[p] for p in params]
                 if params:
                     adamw(

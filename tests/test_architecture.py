@@ -229,7 +229,8 @@ def test_import_harness_registers_the_resolvers_once(tmp_path):
     harness.register_resolvers()
     harness.resolvers.register_resolvers()
     assert sorted(registered) == sorted(names), registered
-    cfg = OmegaConf.create({{"repo": "${{repo_root:}}", "data": "${{data_root:}}/e2e", "pkg": "${{package_dir:harness}}"}})
+    cfg = OmegaConf.create(
+        {{"repo": "${{repo_root:}}", "data": "${{data_root:}}/e2e", "pkg": "${{package_dir:harness}}"}})
     assert cfg.repo == {str(REPO_ROOT)!r}, cfg.repo
     assert cfg.data == {str(tmp_path / "data")!r} + "/e2e", cfg.data
     assert cfg.pkg == {str(REPO_ROOT / "harness")!r}, cfg.pkg

@@ -5,7 +5,7 @@
   share under each; :func:`records_table`: the records as a Markdown table;
 * :func:`select_records` and :func:`figure_main`: what the two ``make_figure.py`` share (their command line).
 
-Only PIL and the run records: drawing a figure needs no model.
+What it uses: PIL and the run records (no model).
 """
 
 from __future__ import annotations
@@ -20,7 +20,10 @@ from PIL import Image, ImageDraw, ImageFont
 from ..paths import REPO_ROOT
 from ..records import load_records
 
-__all__ = ["image_grid", "save_strip", "load_strip", "black_share_figure", "records_table", "select_records", "figure_main"]
+__all__ = [
+    "image_grid", "save_strip", "load_strip", "black_share_figure", "records_table", "select_records",
+    "figure_main",
+]  # fmt: skip
 
 
 def image_grid(cells: dict[tuple[str, str], Sequence], rows: Sequence[str], cols: Sequence[str],

@@ -29,7 +29,11 @@ from tokenizers import pre_tokenizers
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-__all__ = ["build_tiny_tokenizer", "tiny_unet_config", "tiny_vae_config", "tiny_text_encoder_config", "SDComponents", "load_components", "add_concept_tokens", "keep_original_embedding_rows", "add_lora", "lora_layers", "lora_delta_norm", "fuse_lora", "optimizer_settings", "LoraDiffusionModel"]
+__all__ = [
+    "build_tiny_tokenizer", "tiny_unet_config", "tiny_vae_config", "tiny_text_encoder_config", "SDComponents",
+    "load_components", "add_concept_tokens", "keep_original_embedding_rows", "add_lora", "lora_layers",
+    "lora_delta_norm", "fuse_lora", "optimizer_settings", "LoraDiffusionModel",
+]  # fmt: skip
 
 
 def build_tiny_tokenizer(gpt2_dir: str | Path, num_words: int = 1000, model_max_length: int = 77):
