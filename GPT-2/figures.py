@@ -19,12 +19,14 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(1, str(HERE.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for core and harness
 
-from core import OPTIMIZER_NAMES, PEER_NAMES, REPO_ROOT, load_records  # noqa: E402
+from harness import ALL_OPTIMIZERS, OPTIMIZER_NAMES, REPO_ROOT, load_records  # noqa: E402
+
 from main_figures.metrics import GRID_NOTE, format_width, lr_points, lr_robustness, outcome_label  # noqa: E402
 from main_figures.metrics import robustness_verdict, run_outcome, tolerance_for  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
 
 METRICS = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
 LABELS = {"sgd": "SGD", "scaled_gd": "scaled GD", "adamw": "AdamW", "scaled_adamw": "scaled AdamW",
@@ -147,7 +149,7 @@ def lr_sweep_table(results_dir: str | Path, metric: str = "BLEU", preset: str = 
         raise FileNotFoundError(f"no gpt2_e2e records with tags sweep={sweep}, preset={preset!r} in {results_dir}")
     lrs = sorted({float(r.hparams["lr"]) for r in records})
     cell = {(r.optimizer, float(r.hparams["lr"])): r for r in records}
-    opts = [o for o in OPTIMIZER_NAMES + PEER_NAMES if any(k[0] == o for k in cell)]
+    opts = [o for o in ALL_OPTIMIZERS if any(k[0] == o for k in cell)]
     tol = tolerance_for("gpt2_e2e", metric)
     rob = None
     if tol is not None:  # BLEU: each optimizer's best and its learning-rate interval within the tolerance
@@ -214,7 +216,7 @@ def runtime_table(results_dir: str | Path) -> str:
         raise FileNotFoundError(f"no gpt2_runtime records in {results_dir}")
     lines = ["| device | batch x seq | optimizer | r | s / step | s / optimizer step | trainable |",
              "|---|---|---|---|---|---|---|"]
-    order = {o: i for i, o in enumerate(OPTIMIZER_NAMES + PEER_NAMES)}
+    order = {o: i for i, o in enumerate(ALL_OPTIMIZERS)}
     for r in sorted(records, key=lambda x: (x.tags.get("device", "?"), int(x.tags["r"]), order[x.optimizer])):
         t = r.tags
         lines.append(f"| {t.get('device', '?')} | {t.get('batch')} x {t.get('seq')} | {LABELS[r.optimizer]} | {t['r']} "
@@ -238,7 +240,7 @@ def runtime_figure(results_dir: str | Path, out_png: str | Path) -> Path:
     for ax, device in zip(axes[0], devices):
         recs = [r for r in records if r.tags.get("device", "?") == device]
         ranks = sorted({int(r.tags["r"]) for r in recs})
-        opts = [o for o in OPTIMIZER_NAMES + PEER_NAMES if any(r.optimizer == o for r in recs)]
+        opts = [o for o in ALL_OPTIMIZERS if any(r.optimizer == o for r in recs)]
         width = 0.8 / len(ranks)
         for j, rank in enumerate(ranks):
             times = []

@@ -19,11 +19,11 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent)]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for core and harness
+
 from glue_metrics import GLUE_TASKS, primary_metric  # noqa: E402
 
-from core import REPO_ROOT, load_records  # noqa: E402
+from harness import REPO_ROOT, load_records  # noqa: E402
 from main_figures.metrics import GRID_NOTE, format_width, lr_points, lr_robustness, outcome_label  # noqa: E402
 from main_figures.metrics import robustness_verdict, run_outcome, tolerance_for  # noqa: E402
 

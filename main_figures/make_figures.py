@@ -2,7 +2,7 @@
 
     python main_figures/make_figures.py [--results results] [--out main_figures/out] [--only theory,peers]
 
-Reads the run records of ``results/<experiment>/*.json`` (written by ``core.RunRecorder``) and writes PNG figures
+Reads the run records of ``results/<experiment>/*.json`` (written by ``harness.RunRecorder``) and writes PNG figures
 and Markdown tables (``.md``) to ``--out``, plus ``summary.md`` listing what was made, what is missing and the
 command that produces the missing results. The experiment folders own their tables and figures (``GPT-2/figures.py``,
 ``Mistral-7B/make_table.py``, the diffusion folders' ``make_figure``); they are loaded by file path, and a missing
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import re
 import sys
 import traceback
@@ -24,12 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `python main_figures/make_figures.py` puts only main_figures/ on the path
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for core and harness
 
-from core import REPO_ROOT  # noqa: E402
-from core.results import InvalidRecordWarning  # noqa: E402
+import harness  # noqa: E402
+from harness import REPO_ROOT  # noqa: E402
+from harness.records import InvalidRecordWarning  # noqa: E402
 from main_figures.lr_robustness import robustness_summary  # noqa: E402
 from main_figures.metrics import GRID_NOTE  # noqa: E402
 from main_figures.lr_robustness import is_swept, lr_robustness_figure  # noqa: E402
@@ -79,18 +77,10 @@ class MissingSource(LookupError):
 
 
 def load_module(path: Path, name: str):
-    """Import a module by file path (experiment folders have hyphens, so they are not packages)."""
+    """Import a module by file path (:func:`harness.load_module`; experiment folders are not packages)."""
     if not path.is_file():
         raise MissingSource(f"{path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path} not found")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        sys.modules.pop(name, None)
-        raise
-    return module
+    return harness.load_module(path, name)
 
 
 def find_function(folder: str, function: str, files: tuple[str, ...] | None = None) -> Callable:

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from core import load_records
-from core.results import RUN_STATUSES
+from harness import load_records
+from harness.records import RUN_STATUSES
 
 __all__ = [
     "MAIN_METRICS", "main_metric", "metric_value", "facet_key", "facet_sort_key", "facet_title", "lr_points",

@@ -37,9 +37,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `python main_figures/theory.py` puts only main_figures/ on the path
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for core and harness
 
 import hydra  # noqa: E402
 import torch  # noqa: E402
@@ -47,10 +45,10 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from core import REPO_ROOT, RunRecorder, build_optimizer  # noqa: E402
+from core import build_optimizer  # noqa: E402
+from harness import RunRecorder  # noqa: E402
 
 EXPERIMENT = "theory"
-OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT), replace=True)  # registered by harness.resolvers after the merge
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 CONDITIONINGS = ("target", "data")
 DTYPE = torch.float64  # relative losses down to 1e-12 need double precision

@@ -37,7 +37,7 @@ class Best:
     iterations: int  # to the tolerance, or the iterations run when it was not reached
     reached_tol: bool
     relative_loss: float  # final (nan when diverged)
-    record: object  # the core.RunRecord
+    record: object  # the harness.RunRecord
 
 
 def _label(optimizer: str) -> str:

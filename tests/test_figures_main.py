@@ -1,5 +1,5 @@
 """make_figures.py and the figure/table code of main_figures/ on small fixture results (fake but schema-valid
-records written with core.RunRecorder into tmp_path)."""
+records written with harness.RunRecorder into tmp_path)."""
 
 import math
 import shutil
@@ -9,14 +9,12 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from core import RunRecorder, load_records  # noqa: E402
-from main_figures import make_figures  # noqa: E402
-from main_figures.lr_robustness import is_swept, lr_robustness_figure, lr_sweeps  # noqa: E402
-from main_figures.peers import peer_rows, peers_table  # noqa: E402
-from main_figures.theory_figures import select_best, theory_figure, theory_table  # noqa: E402
+from harness import REPO_ROOT as ROOT
+from harness import RunRecorder, load_records
+from main_figures import make_figures
+from main_figures.lr_robustness import is_swept, lr_robustness_figure, lr_sweeps
+from main_figures.peers import peer_rows, peers_table
+from main_figures.theory_figures import select_best, theory_figure, theory_table
 
 PNG = b"\x89PNG\r\n\x1a\n"
 LRS = (1e-4, 1e-3, 1e-2)

@@ -1,23 +1,18 @@
 """The learning-rate robustness metric (main_figures/metrics.py: lr_robustness), a run's outcome (run_outcome) in
 every table and figure, and results folders holding files that are not run records."""
 
-import importlib.util
 import json
 import math
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from core import RunRecord, RunRecorder, load_records  # noqa: E402
-from core.results import InvalidRecordWarning  # noqa: E402
-from main_figures import make_figures  # noqa: E402
-from main_figures.lr_robustness import lr_sweeps, robustness_summary  # noqa: E402
-from main_figures.metrics import (  # noqa: E402
+from harness import RunRecord, RunRecorder, load_module, load_records
+from harness.records import InvalidRecordWarning
+from main_figures import make_figures
+from main_figures.lr_robustness import lr_sweeps, robustness_summary
+from main_figures.metrics import (
     TOLERANCES,
     Tolerance,
     format_width,
@@ -28,18 +23,11 @@ from main_figures.metrics import (  # noqa: E402
     robustness_verdict,
     run_outcome,
 )
-from main_figures.peers import peers_table  # noqa: E402
+from main_figures.peers import peers_table
 
 
-def _load(name, path):
-    spec = importlib.util.spec_from_file_location(name, ROOT / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-gpt2_figures = _load("rob_gpt2_figures", "GPT-2/figures.py")
-make_table = _load("rob_mistral_make_table", "Mistral-7B/make_table.py")
+gpt2_figures = load_module("GPT-2/figures.py")
+make_table = load_module("Mistral-7B/make_table.py")
 
 
 def rec(optimizer, lr, metrics, experiment="glue", seed=0, status=None, tags=None):

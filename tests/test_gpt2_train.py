@@ -1,21 +1,20 @@
 """GPT-2/train.py end to end on the tiny preset through the Hydra entry point; config errors; the sweep files."""
 
-import importlib
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 
-REPO = Path(__file__).resolve().parents[1]
+from harness import REPO_ROOT as REPO
+from harness import load_module
+
 GPT2 = REPO / "GPT-2"
-sys.path.insert(0, str(GPT2))
-train = importlib.import_module("train")
-e2e_data = importlib.import_module("e2e_data")
+train = load_module(GPT2 / "train.py", "gpt2_train")
+e2e_data = load_module(GPT2 / "e2e_data.py")
 
 METRICS = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
 
@@ -49,7 +48,7 @@ def test_train_decode_score_end_to_end(tmp_path, data_root):
     assert final["trainable_params"] == 2 * 2 * 4 * (32 + 32)
     assert rec["config"]["decode"]["num_beams"] == 2 and rec["config"]["data"]["root"]
     # the predictions file (MR, output) re-scores to the recorded BLEU/NIST with the scorer's own reader
-    e2e_metrics = importlib.import_module("e2e_metrics")
+    e2e_metrics = load_module("GPT-2/e2e_metrics.py")
     mrs, refs = e2e_metrics.read_references(data_root / "e2e" / "testset_w_refs.csv")
     keep = e2e_data.even_subset(len(mrs), 2)
     outs = e2e_metrics.read_predictions(tmp_path / "gpt2_e2e" / "predictions" / f"{path.stem}.tsv",

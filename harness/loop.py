@@ -1,52 +1,23 @@
-"""Runner pieces the experiments share: paths, seeding, the training loop, a Trainer callback."""
+"""The training loop the experiments share (:func:`train_loop`) and a ``transformers.Trainer`` callback that writes
+the same run record (:func:`RecorderCallback`)."""
 
 from __future__ import annotations
 
 import math
-import os
-import random
 import statistics
 import time
 import warnings
-from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from .optimizers import NonFiniteGradientError
-from .results import RunRecorder
+from core import NonFiniteGradientError
 
-__all__ = [
-    "REPO_ROOT", "default_data_root", "require_path", "seed_everything", "train_loop", "RecorderCallback",
-    "TrainingDiverged",
-]  # fmt: skip
+from .records import RunRecorder
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def default_data_root() -> Path:
-    """``$RPLORA_DATA`` if set, else ``<repo>/../shared/data``."""
-    return Path(os.environ.get("RPLORA_DATA", REPO_ROOT.parent / "shared" / "data"))
-
-
-def require_path(path: str | os.PathLike, what: str) -> Path:
-    """``Path(path)`` if it exists, else a FileNotFoundError naming ``what`` and the path."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"{what} not found: '{path}' does not exist")
-    return path
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy (if installed) and torch (all devices)."""
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy as np
-    except ImportError:  # numpy is optional for core
-        return
-    np.random.seed(seed % 2**32)
+__all__ = ["train_loop", "RecorderCallback", "TrainingDiverged"]
 
 
 class TrainingDiverged(FloatingPointError):
@@ -80,8 +51,6 @@ def train_loop(
     :class:`TrainingDiverged`, or with ``stop_on_divergence`` ends training and records ``diverged_at_step``
     (what an LR sweep wants: the run is reported as diverged, not dropped).
     """
-    from tqdm.auto import tqdm
-
     total = max_steps if max_steps is not None else (epochs * len(batches) if hasattr(batches, "__len__") else None)
     params = [p for p in model.parameters() if p.requires_grad]
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
@@ -135,7 +104,11 @@ def train_loop(
 
 
 def RecorderCallback(recorder: RunRecorder):
-    """A ``transformers.TrainerCallback`` that writes the Trainer's loss, lr, eval metrics and step times."""
+    """A ``transformers.TrainerCallback`` that writes the Trainer's loss, lr, eval metrics and step times.
+
+    A function, not a class, so that ``import harness`` does not import transformers: the callback's class is
+    defined inside it.
+    """
     from transformers import TrainerCallback
 
     class _RecorderCallback(TrainerCallback):

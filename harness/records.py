@@ -8,7 +8,8 @@
     status (optional: running | done | diverged | failed | interrupted; absent in older records)
 
 ``run_name`` defaults to a slug of optimizer, learning rate, ``reg`` (for the optimizers that have one), seed and
-tags, so re-running one configuration replaces its record and runs that differ in any of these keep their own. ``main_figures/`` reads records with :func:`load_records`.
+tags, so re-running one configuration replaces its record and runs that differ in any of these keep their own.
+``main_figures/`` reads records with :func:`load_records`.
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ class RunRecorder:
         )  # fmt: skip
         self._wandb = None
         if wandb:
-            import wandb as wandb_lib
+            import wandb as wandb_lib  # only for the runs that mirror to it: it is slow to import
 
             settings = {"mode": "offline", "project": "riemannian-preconditioned-lora"}
             settings.update(wandb if isinstance(wandb, dict) else {})

@@ -1,4 +1,4 @@
-"""core.diffusion: the pieces Object_Generation/ and Mix-of-Show/ share (tiny models, CPU, seconds)."""
+"""harness.diffusion: the pieces Object_Generation/ and Mix-of-Show/ share (tiny models, CPU, seconds)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,12 @@ import math
 
 import pytest
 import torch
+from PIL import Image
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-from core import build_optimizer, find_lora_pairs, load_records, RunRecorder
-from core import diffusion as D
+from core import build_optimizer, find_lora_pairs
+from harness import RunRecorder, load_records
+from harness import diffusion as D
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -47,8 +50,6 @@ def test_concept_dataset_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match=r"holds no images.*") as err:
         D.ConceptDataset(empty, 32)
     assert str(empty) in str(err.value)
-    from PIL import Image
-
     Image.new("RGB", (40, 40), "red").save(empty / "a.png")
     with pytest.raises(ValueError, match="no caption file a.txt"):
         D.ConceptDataset(empty, 32)  # captions needed without a fixed prompt
@@ -247,8 +248,6 @@ def test_strip_roundtrip_and_figure(tmp_path):
     records = load_records(results, "fig_test")
     out = D.black_share_figure(records, results / "fig_test" / "samples", lambda r: r.hparams["lr"],
                                lambda v: f"lr {v:g}", tmp_path / "fig.png", "test figure")
-    from PIL import Image
-
     figure = Image.open(out)
     assert figure.size[0] > 2 * 4 * 64 and figure.size[1] > 2 * 64
     with pytest.raises(ValueError, match="no run records"):
@@ -256,8 +255,6 @@ def test_strip_roundtrip_and_figure(tmp_path):
 
 
 def test_clip_similarity_with_a_local_tiny_clip(tmp_path, gpt2_dir):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
     tok = D.build_tiny_tokenizer(gpt2_dir, num_words=100)
     config = CLIPConfig(
         text_config={"vocab_size": len(tok), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
