@@ -93,7 +93,7 @@ def find_function(folder: str, function: str, files: tuple[str, ...] | None = No
     pattern = re.compile(rf"^def {re.escape(function)}\(", re.MULTILINE)
     for path in candidates:
         if path.is_file() and pattern.search(path.read_text(encoding="utf-8", errors="replace")):
-            module = load_module(path, f"_mf_{re.sub(r'[^0-9A-Za-z]', '_', folder)}_{path.stem}")
+            module = load_module(path, "_mf" + re.sub(r"[^0-9A-Za-z]", "_", str(path.resolve())))  # one name per file
             return getattr(module, function)
     where = ", ".join(f"{folder}/{f}" for f in files) if files else f"any {folder}/*.py"
     raise MissingSource(f"no function {function}() in {where}")
