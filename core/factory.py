@@ -10,27 +10,23 @@ from torch import nn
 from .optimizers import ScaledAdamW, ScaledGD
 from .pairing import find_lora_pairs
 
-__all__ = ["build_optimizer", "OPTIMIZER_NAMES", "PEER_NAMES", "HPARAMS"]
+__all__ = ["build_optimizer", "OPTIMIZER_NAMES", "HPARAMS"]
 
 OPTIMIZER_NAMES = ("sgd", "scaled_gd", "adamw", "scaled_adamw")  # the paper's four
-PEER_NAMES = ("peft_riemannian", "loraplus", "lora_rite")  # what users would otherwise pick
 
 _SGD = {"lr", "weight_decay", "momentum", "check_finite"}
 _ADAMW = {"lr", "betas", "eps", "weight_decay", "bias_correction", "check_finite", "fused"}
-_ADAM_PEER = {"lr", "betas", "eps", "weight_decay"}
-HPARAMS: dict[str, set[str]] = {
-    "sgd": _SGD,
-    "scaled_gd": _SGD | {"reg"},
-    "adamw": _ADAMW,
-    "scaled_adamw": _ADAMW | {"reg"},
-    "peft_riemannian": _ADAM_PEER | {"reg"},
-    "loraplus": _ADAM_PEER | {"loraplus_lr_ratio"},
-    "lora_rite": _ADAM_PEER,
+# the keyword arguments build_optimizer accepts for each optimizer name
+HPARAMS: dict[str, frozenset[str]] = {
+    "sgd": frozenset(_SGD),
+    "scaled_gd": frozenset(_SGD | {"reg"}),
+    "adamw": frozenset(_ADAMW),
+    "scaled_adamw": frozenset(_ADAMW | {"reg", "variant"}),
 }
 _GROUP_KEYS = {"lr", "weight_decay", "momentum", "reg", "betas", "eps", "bias_correction"}
 
 
-def _check_hparams(name: str, hparams: Mapping[str, Any], allowed: set[str], where: str) -> None:
+def _check_hparams(name: str, hparams: Mapping[str, Any], allowed: frozenset[str], where: str) -> None:
     unknown = sorted(set(hparams) - allowed)
     if unknown:
         raise ValueError(
@@ -62,7 +58,7 @@ def build_optimizer(
     group_overrides: Mapping[str, Mapping[str, Any]] | None = None,
     **hparams: Any,
 ) -> torch.optim.Optimizer:
-    """Build one of :data:`OPTIMIZER_NAMES` (or :data:`PEER_NAMES`) over all trainable parameters of ``model``.
+    """Build one of :data:`OPTIMIZER_NAMES` over all trainable parameters of ``model``.
 
     LoRA pairs (found by :func:`core.find_lora_pairs`) get the preconditioner under ``scaled_gd`` /
     ``scaled_adamw``; every other trainable parameter gets the plain update of the same optimizer, and ``sgd`` /
@@ -70,25 +66,17 @@ def build_optimizer(
 
     Args:
         model: the model, or a dict of models (``{"unet": unet, "text_encoder": te}``) optimised together.
-        name: ``sgd``, ``scaled_gd``, ``adamw``, ``scaled_adamw``, or a peer: ``peft_riemannian``, ``loraplus``,
-            ``lora_rite``.
+        name: ``sgd``, ``scaled_gd``, ``adamw`` or ``scaled_adamw``.
         group_overrides: per-sub-module settings, keyed by module-name prefix, e.g.
             ``{"text_encoder": {"lr": 1e-2, "reg": 1e6}}``.
         **hparams: the optimizer's hyperparameters (see :data:`HPARAMS`); unknown keys are an error.
     """
     if name not in HPARAMS:
-        raise ValueError(f"unknown optimizer '{name}'; expected one of {list(OPTIMIZER_NAMES + PEER_NAMES)}")
+        raise ValueError(f"unknown optimizer {name!r}; expected one of {list(OPTIMIZER_NAMES)}")
     _check_hparams(name, hparams, HPARAMS[name], "")
     if "betas" in hparams:
         hparams["betas"] = tuple(hparams["betas"])
     module = _as_module(model)
-    if name in PEER_NAMES:
-        if group_overrides:
-            raise ValueError(f"group_overrides are not supported for the peer optimizer '{name}'")
-        from .peers import build_peer
-
-        return build_peer(module, name, **hparams)
-
     overrides = {k: dict(v) for k, v in (group_overrides or {}).items()}
     for prefix, values in overrides.items():
         _check_hparams(name, values, HPARAMS[name] & _GROUP_KEYS, f" in group_overrides['{prefix}']")
