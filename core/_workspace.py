@@ -1,11 +1,11 @@
-"""Scratch space that the batched preconditioner keeps from one optimizer step to the next.
+"""Scratch space that the batched preconditioner keeps from one optimizer step to the next: core's only speed
+machinery that is not maths.
 
-This is the only speed machinery of :mod:`core` that is not maths. On CPU every large temporary tensor is fresh
-memory from the C allocator, and first touching its pages can cost more than the arithmetic done in it at LoRA
-ranks; the batched path therefore writes its stacks and products into buffers it keeps (:meth:`Workspace.empty`).
-A buffer's per-pair views are kept with it (:meth:`Workspace.views`), and so is the bucketing of a group's pairs
-(:meth:`Workspace.memo`), which only changes when the set of gradients does. On CUDA the caching allocator already
-reuses memory, so buffers are allocated afresh there. ``Workspace(reuse=False)`` keeps nothing at all.
+On CPU every large temporary tensor is fresh memory from the C allocator, and first touching its pages can cost
+more than the arithmetic done in it at LoRA ranks. The batched path therefore writes its stacks and products into
+buffers it keeps (:meth:`Workspace.empty`), keeps a buffer's per-pair views with it (:meth:`Workspace.views`) and
+the bucketing of the pairs (:meth:`Workspace.memo`), which changes only with the set of gradients. CUDA's caching
+allocator reuses memory by itself, so there buffers are allocated afresh. ``Workspace(reuse=False)`` keeps nothing.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ class Workspace:
         self._memo: dict[str, tuple[Hashable, Any]] = {}
 
     def empty(self, name: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """An uninitialised tensor; on CPU the same one as the last call with this name, if it still fits."""
+        """An uninitialised tensor: on CPU the one of the last call with this name, if it has this shape and dtype."""
         if not self.reuse or device.type != "cpu":
             return torch.empty(shape, dtype=dtype, device=device)
         buffer = self._buffers.get(name)
@@ -35,7 +35,7 @@ class Workspace:
         return buffer
 
     def views(self, name: str, buffer: Tensor, shape: tuple) -> tuple[Tensor, ...]:
-        """``buffer`` (contiguous) cut along dim 0 into views of ``shape``; kept while ``buffer`` is the same tensor."""
+        """``buffer`` (contiguous) cut along dim 0 into views of ``shape``, kept while ``buffer`` is the same tensor."""
         kept = self._views.get(name)
         if kept is not None and kept[0] is buffer:
             return kept[1]
@@ -45,7 +45,7 @@ class Workspace:
         return views
 
     def memo(self, name: str, key: Hashable, build: Callable[[], Any]) -> Any:
-        """``build()``, recomputed when ``key`` differs from the last call's with this name (always without reuse)."""
+        """``build()``, computed again only when ``key`` differs from the last one given with ``name``."""
         kept = self._memo.get(name)
         if kept is not None and kept[0] == key:
             return kept[1]

@@ -1,17 +1,12 @@
 """Scaled GD and scaled AdamW for LoRA: the Riemannian preconditioner, then torch's SGD or AdamW update.
 
-A step turns the gradients of each parameter group into *update directions*, checks that they are finite, and only
-then changes anything: it hands them to the base update, torch's functional ``torch.optim.sgd.sgd`` or
-``torch.optim.adamw.adamw`` with the directions in place of the gradients (with public tensor operations for what
-those have no flag for: decoupled weight decay beside momentum, AdamW without bias correction). The directions of
-the LoRA pairs are :func:`core.preconditioner.preconditioned_directions` (its batched path) with
-``precondition=True``; those of every other parameter, and all of them with ``precondition=False`` (plain SGD /
-AdamW through the same code), are the gradients themselves.
-
-Parameter groups take the usual torch keys plus ``lora_pairs``: :class:`core.pairing.LoraPair` s or ``(A, B)`` /
-``(A, B, blocks)`` tuples. A group keeps its pairs as ``pairs = [[index_A, index_B, blocks], ...]`` into its
-``params``, and names them in ``param_names``, so ``state_dict()`` / ``load_state_dict()`` work unchanged.
-:mod:`core.reference` holds the plain float64 twins of both optimizers.
+A step turns each group's gradients into update directions (the LoRA pairs' through
+:func:`core.preconditioner.preconditioned_directions` with ``precondition=True``; every other parameter's, and all
+of them with ``precondition=False``, are the gradients themselves), checks that they are finite, and only then
+hands them to torch's functional ``torch.optim.sgd.sgd`` / ``torch.optim.adamw.adamw`` in place of the gradients
+(public tensor operations cover what those have no flag for). Parameter groups take torch's keys plus
+``lora_pairs`` (:class:`core.pairing.LoraPair` s or ``(A, B[, blocks])`` tuples), kept as ``pairs = [[index_A,
+index_B, blocks], ...]`` into ``params`` beside ``param_names``, so ``state_dict()`` / ``load_state_dict()`` work.
 """
 
 from __future__ import annotations
@@ -27,15 +22,12 @@ from ._workspace import Workspace
 from .pairing import LoraPair, check_pair
 from .preconditioner import compute_dtype, preconditioned_directions
 
-__all__ = ["ScaledGD", "ScaledAdamW", "NonFiniteGradientError", "sgd_update", "adam_direction"]
+__all__ = ["ScaledGD", "ScaledAdamW", "NonFiniteGradientError", "sgd_update", "adam_normalised_step"]
+VARIANTS = ("gradient", "update")
 
 
 class NonFiniteGradientError(FloatingPointError):
     """A gradient (or the update direction made from a finite one) holds inf or NaN; raised before any change."""
-
-
-def _names(names: list[str]) -> str:
-    return ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
 
 
 def _check_nonnegative(name: str, value: Any) -> None:
@@ -47,10 +39,10 @@ def sgd_update(
     params: list[Tensor], directions: list[Tensor], momentum_buffers: list[Tensor | None], *, lr: float,
     weight_decay: float, momentum: float,
 ) -> None:  # fmt: skip
-    """``p <- p (1 - lr wd) - lr d``; with momentum ``buf <- momentum buf + d`` (``buf = d`` at first) in place of d.
+    """``p <- p (1 - lr wd) - lr d``, with ``buf <- momentum buf + d`` (``buf = d`` at first) in place of d.
 
-    torch's SGD functional, its weight decay (which would enter the momentum) replaced by the decoupled one, applied
-    first. The ``None`` entries of ``momentum_buffers`` are replaced by new buffers.
+    torch's SGD functional (which fills the ``None`` buffers), its weight decay (which would enter the momentum)
+    replaced by the decoupled one, applied first.
     """
     if weight_decay:
         for p in params:
@@ -61,17 +53,16 @@ def sgd_update(
     )  # fmt: skip
 
 
-def adam_direction(
+def adam_normalised_step(
     grads: Sequence[Tensor], exp_avgs: Sequence[Tensor | None], exp_avg_sqs: Sequence[Tensor | None],
     steps: Sequence[float], *, beta1: float, beta2: float, eps: float, bias_correction: bool,
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:  # fmt: skip
-    """Adam's normalised step ``u = m̂ / (sqrt(v̂) + eps)`` of each gradient g, at step number t (counted from 1)::
+    """Adam's normalised step ``u = m̂ / (sqrt(v̂) + eps)`` of each gradient g at step number t (counted from 1)::
 
         m <- β1 m + (1 - β1) g;   v <- β2 v + (1 - β2) g²;   m̂ = m / (1 - β1^t);   v̂ = v / (1 - β2^t)
 
-    (``m̂ = m``, ``v̂ = v`` without bias correction; ``None`` moments are zeros.) Computed in float32 (float64 for
-    float64 gradients), as torch's fused AdamW does, and returned as new tensors in the gradients' dtype: ``(u, m,
-    v)``. The given moments are left unchanged.
+    (m̂ = m, v̂ = v without bias correction; ``None`` moments are zeros), computed in float32 (float64 for float64
+    gradients) as torch's fused AdamW does. Returns new tensors ``(u, m, v)`` in the gradients' dtype.
     """
     us, ms, vs = [], [], []
     for g, m, v, t in zip(grads, exp_avgs, exp_avg_sqs, steps):
@@ -90,8 +81,7 @@ def _normalize_group(group: dict) -> dict:
     group = dict(group)
     plain = group.pop("params", [])
     plain = [plain] if isinstance(plain, Tensor) else list(plain)
-    plain_names = group.pop("param_names", None)
-    lora_pairs = group.pop("lora_pairs", [])
+    plain_names, lora_pairs = group.pop("param_names", None), group.pop("lora_pairs", [])
     if plain_names is not None and len(plain_names) != len(plain):
         raise ValueError(f"param_names has {len(plain_names)} entries for {len(plain)} params")
     if "pairs" in group:  # already normalised (a group handed back to add_param_group)
@@ -99,9 +89,7 @@ def _normalize_group(group: dict) -> dict:
             raise ValueError("a parameter group may give 'pairs' (indices) or 'lora_pairs', not both")
         group["params"], group["param_names"] = plain, plain_names or [f"param{i}" for i in range(len(plain))]
         return group
-    params: list[Tensor] = []
-    names: list[str] = []
-    index_pairs: list[list[int]] = []
+    params, names, index_pairs = [], [], []
     for i, pair in enumerate(lora_pairs):
         if isinstance(pair, LoraPair):
             A, B, blocks, a_name, b_name = pair.A, pair.B, pair.blocks, pair.a_name, pair.b_name
@@ -122,14 +110,9 @@ def _normalize_group(group: dict) -> dict:
     return group
 
 
-def _unpaired(count: int, index_pairs: list[list[int]]) -> list[int]:
-    """The indices among ``range(count)`` that are not a LoRA factor of ``index_pairs``."""
-    return sorted(set(range(count)) - {i for a, b, _ in index_pairs for i in (a, b)})
-
-
 class _Step(NamedTuple):
-    """One group's step, prepared before anything changes: the ``indices`` of its parameters that have a gradient,
-    those ``params``, their update ``directions``, and (``update`` variant of AdamW) their new ``moments``."""
+    """One group's step, prepared before anything changes: the ``indices`` of the parameters with a gradient, those
+    ``params``, their update ``directions`` and, where AdamW's moments are computed here, the new ``moments``."""
 
     indices: list[int]
     params: list[Tensor]
@@ -142,7 +125,7 @@ class _LoraOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable, defaults: dict, precondition: bool, check_finite: bool):
         self.precondition, self.check_finite = precondition, check_finite
-        self._workspaces: dict[int, Workspace] = {}  # per group: the preconditioner's buffers (core._workspace)
+        self._workspaces: dict[int, Workspace] = {}  # per group, the batched preconditioner's (see core._workspace)
         params = list(params)
         if params and all(isinstance(p, LoraPair) for p in params):
             params = [{"lora_pairs": params}]
@@ -175,8 +158,7 @@ class _LoraOptimizer(torch.optim.Optimizer):
     def _directions(self, gi: int, group: dict, vectors: list[Tensor | None], sums: list | None) -> list:
         """The update directions of ``vectors`` (one per parameter of the group, ``None`` where it has no gradient):
         preconditioned for the LoRA pairs, the vectors themselves (contiguous) for the other parameters."""
-        directions = list(vectors)
-        plain: Iterable[int] = range(len(vectors))
+        directions, plain = list(vectors), range(len(vectors))
         if self.precondition and group["pairs"]:
             params, index_pairs = group["params"], group["pairs"]
             work = self._workspaces.setdefault(gi, Workspace())
@@ -187,14 +169,15 @@ class _LoraOptimizer(torch.optim.Optimizer):
             )  # fmt: skip
             for (a, b, _), (d_a, d_b) in zip(index_pairs, per_pair):
                 directions[a], directions[b] = d_a, d_b
-            plain = work.memo("plain", None, lambda: _unpaired(len(params), index_pairs))
+            factors = {i for a, b, _ in index_pairs for i in (a, b)}
+            plain = work.memo("plain", None, lambda: [i for i in range(len(params)) if i not in factors])
         plain_directions = []
         for i in plain:
             if directions[i] is not None:  # torch's fused CPU AdamW mis-reads non-contiguous gradients
                 directions[i] = directions[i].contiguous()
                 plain_directions.append(directions[i])
         if plain_directions and sums is not None:
-            sums.append(torch.nn.utils.get_total_norm(plain_directions).to(torch.float32))
+            sums.append(torch.nn.utils.get_total_norm(plain_directions))
         return directions
 
     def _prepare(self, gi: int, group: dict, sums: list | None) -> _Step:
@@ -204,33 +187,32 @@ class _LoraOptimizer(torch.optim.Optimizer):
         return _Step(indices, [group["params"][i] for i in indices], [directions[i] for i in indices])
 
     def _raise_if_nonfinite(self, sums: list[Tensor], steps: list[_Step]) -> None:
-        """Raise NonFiniteGradientError, naming the parameters, if an update direction holds inf or nan.
+        """Raise NonFiniteGradientError naming the parameters, unless the ``sums`` (of the directions) are finite.
 
-        ``sums`` (sums and norms of the directions) are all finite when every direction is. A non-finite one may be
-        an overflow of finite values, so that case is confirmed element-wise. A non-finite gradient always gives a
-        non-finite direction; a finite gradient can give one too, when a Gram matrix is singular or nearly so.
+        A non-finite sum may be an overflow of finite values, so it is confirmed element-wise. A non-finite gradient
+        always gives a non-finite direction; a finite one gives one too when a Gram matrix is (nearly) singular.
         """
-        device = sums[0].device
-        if bool(torch.stack([s.to(device, torch.float32) for s in sums]).isfinite().all()):
+        if bool(torch.stack([s.to(sums[0].device, torch.float32) for s in sums]).isfinite().all()):
             return
-        bad_grads, bad_directions = [], []
+        bad = {"gradient": [], "direction": []}
         for group, step in zip(self.param_groups, steps):
             for i, p, d in zip(step.indices, step.params, step.directions):
-                if not bool(torch.isfinite(p.grad).all()):
-                    bad_grads.append(group["param_names"][i])
-                elif not bool(torch.isfinite(d).all()):
-                    bad_directions.append(group["param_names"][i])
-        if bad_grads:
+                kind = "direction" if torch.isfinite(p.grad).all() else "gradient"
+                if kind == "gradient" or not torch.isfinite(d).all():
+                    bad[kind].append(group["param_names"][i])
+        names = {kind: ", ".join(n[:5]) + (" ..." if len(n) > 5 else "") for kind, n in bad.items()}
+        if not any(bad.values()):
+            return  # finite values whose sum overflowed
+        if bad["gradient"]:
             raise NonFiniteGradientError(
-                f"non-finite gradient (inf or nan) in {len(bad_grads)} parameter(s): {_names(bad_grads)}"
-                "; no parameter was updated (use torch.amp.GradScaler for fp16, or lower the learning rate)"
+                f"non-finite gradient (inf or nan) in {len(bad['gradient'])} parameter(s): {names['gradient']}; no "
+                "parameter was updated (use torch.amp.GradScaler for fp16, or lower the learning rate)"
             )
-        if bad_directions:
-            raise NonFiniteGradientError(
-                f"the preconditioned direction of {len(bad_directions)} parameter(s) is not finite although the "
-                f"gradient is: {_names(bad_directions)}; the Gram matrix of the partner factor is singular or "
-                "ill-conditioned (raise reg above 0); no parameter was updated"
-            )
+        raise NonFiniteGradientError(
+            f"the preconditioned direction of {len(bad['direction'])} parameter(s) is not finite although the "
+            f"gradient is: {names['direction']}; the Gram matrix of the partner factor is singular or "
+            "ill-conditioned (raise reg above 0); no parameter was updated"
+        )
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -294,9 +276,6 @@ class ScaledGD(_LoraOptimizer):
                 self.state[p]["momentum_buffer"] = buffer
 
 
-VARIANTS = ("gradient", "update")
-
-
 class ScaledAdamW(_LoraOptimizer):
     """Scaled AdamW: AdamW with the Riemannian preconditioner, in two variants; ``precondition=False`` is AdamW.
 
@@ -308,8 +287,7 @@ class ScaledAdamW(_LoraOptimizer):
         t += 1;   m <- β1 m + (1 - β1) d;   v <- β2 v + (1 - β2) d²
         p <- p (1 - lr weight_decay) - lr m̂ / (sqrt(v̂) + eps)    with m̂ = m / (1 - β1^t), v̂ = v / (1 - β2^t)
 
-    ``variant="update"`` (the one the paper's analysis covers): AdamW's moments of the raw gradient g, its update
-    preconditioned::
+    ``variant="update"`` (the paper's theorem): AdamW's moments of the raw gradient g, its update preconditioned::
 
         t += 1;   m <- β1 m + (1 - β1) g;   v <- β2 v + (1 - β2) g²;   u = m̂ / (sqrt(v̂) + eps)
         for each LoRA pair (A, B), with A, B before the step:
@@ -324,8 +302,7 @@ class ScaledAdamW(_LoraOptimizer):
         params: LoRA pairs (``find_lora_pairs(model)``) or parameter groups with ``lora_pairs`` and/or ``params``.
         lr, betas, eps, weight_decay: as torch.optim.AdamW.
         reg: ridge ``reg I`` added to the r x r Gram matrices (>= 0; see core.preconditioner for reg = 0).
-        bias_correction: AdamW's bias correction (True as in torch).
-        variant: ``"gradient"`` or ``"update"``, see above.
+        bias_correction: AdamW's bias correction (True as in torch). variant: ``"gradient"`` or ``"update"``.
         precondition: apply the preconditioner to LoRA pairs.
         check_finite: raise :class:`NonFiniteGradientError` (before changing anything) when a gradient or an update
             direction holds inf or nan.
@@ -355,17 +332,26 @@ class ScaledAdamW(_LoraOptimizer):
             group["fused"] = all(p.device.type in ("cpu", "cuda") for p in group["params"])
 
     def _prepare(self, gi: int, group: dict, sums: list | None) -> _Step:
-        if group["variant"] == "gradient":
+        """Directions and, but for torch's own case (the gradient variant with bias correction), the moments."""
+        if group["variant"] == "gradient" and group["bias_correction"]:
             return super()._prepare(gi, group, sums)
         grads = self._gradients(group)
         indices = [i for i, g in enumerate(grads) if g is not None]
         params = [group["params"][i] for i in indices]
         states = [self.state.get(p, {}) for p in params]
-        u, m, v = adam_direction(
-            [grads[i] for i in indices], [s.get("exp_avg") for s in states], [s.get("exp_avg_sq") for s in states],
-            [float(s["step"]) + 1 if s else 1.0 for s in states], beta1=group["betas"][0], beta2=group["betas"][1],
-            eps=group["eps"], bias_correction=group["bias_correction"],
-        )  # fmt: skip
+
+        def normalised(vectors: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+            return adam_normalised_step(
+                vectors, [s.get("exp_avg") for s in states], [s.get("exp_avg_sq") for s in states],
+                [float(s["step"]) + 1 if s else 1.0 for s in states], beta1=group["betas"][0],
+                beta2=group["betas"][1], eps=group["eps"], bias_correction=group["bias_correction"],
+            )  # fmt: skip
+
+        if group["variant"] == "gradient":  # u of the preconditioned gradients is the update
+            directions = self._directions(gi, group, grads, sums)
+            u, m, v = normalised([directions[i] for i in indices])
+            return _Step(indices, params, u, (m, v))
+        u, m, v = normalised([grads[i] for i in indices])  # the update variant: u of the gradients, preconditioned
         vectors: list[Tensor | None] = [None] * len(grads)
         for i, u_i in zip(indices, u):
             vectors[i] = u_i
@@ -381,24 +367,18 @@ class ScaledAdamW(_LoraOptimizer):
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             states.append(state)
-        beta1, beta2 = group["betas"]
         lr, weight_decay = group["lr"], group["weight_decay"]
-        directions, moments = step.directions, step.moments
-        if moments is None and group["bias_correction"]:  # torch's AdamW update, with d in place of the gradient
+        if step.moments is None:  # torch's AdamW update, with the directions in place of the gradients
             adamw(
-                step.params, directions, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
+                step.params, step.directions, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
                 [s["step"] for s in states], foreach=not group["fused"], fused=group["fused"], amsgrad=False,
-                beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=group["eps"], maximize=False,
+                beta1=group["betas"][0], beta2=group["betas"][1], lr=lr, weight_decay=weight_decay, eps=group["eps"],
+                maximize=False,
             )  # fmt: skip
             return
-        if moments is None:  # the gradient variant without bias correction: u of the directions is the update
-            directions, *moments = adam_direction(
-                directions, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                [float(s["step"]) + 1 for s in states], beta1=beta1, beta2=beta2, eps=group["eps"],
-                bias_correction=False,
-            )  # fmt: skip
-        for state, m, v in zip(states, *moments):
+        for state, m, v in zip(states, *step.moments):
             state["step"] += 1
             state["exp_avg"].copy_(m)
             state["exp_avg_sq"].copy_(v)
-        sgd_update(step.params, directions, [None] * len(directions), lr=lr, weight_decay=weight_decay, momentum=0.0)
+        no_momentum = [None] * len(step.params)
+        sgd_update(step.params, step.directions, no_momentum, lr=lr, weight_decay=weight_decay, momentum=0.0)

@@ -5,14 +5,14 @@ For a LoRA pair ``W + B A`` with A (r x n) and B (m x r) the preconditioned grad
     d_A = (BᵀB + reg I_r)⁻¹ ∇A          d_B = ∇B (AAᵀ + reg I_r)⁻¹
 
 computed from A and B as they are before the step, for each merged block on its own (see :mod:`core.pairing`),
-with convolution factors flattened to matrices. The r x r Gram matrices are factorised by Cholesky in float32 (in
-float64 for float64 factors) whatever the factors' dtype; the directions are returned in the factors' dtype.
+convolution factors flattened to matrices. The r x r Gram matrices are factorised by Cholesky in float32 (float64
+for float64 factors) whatever the factors' dtype; the directions come back in the factors' dtype.
 
-Singular Gram matrices (``reg = 0`` and a rank-deficient factor, e.g. B = 0 at PEFT's initialisation): ∇A = Bᵀ
-∂L/∂(BA) always lies in the row space of B, so the system ``BᵀB X = ∇A`` is consistent and its minimum-norm
-solution ``(BᵀB)⁺ ∇A`` is the limit of the regularised direction as reg -> 0. That is what is computed for every
-Gram matrix whose Cholesky factorisation fails (through a float64 eigendecomposition; no reg is added behind the
-user's back). At step 0 with B = 0 it gives d_A = 0 (= ∇A), so only B moves, as with reg > 0.
+Singular Gram matrices (``reg = 0`` and a rank-deficient factor, e.g. B = 0 at PEFT's initialisation): ∇A =
+Bᵀ ∂L/∂(BA) always lies in the row space of B, so ``BᵀB X = ∇A`` is consistent and its minimum-norm solution
+``(BᵀB)⁺ ∇A`` is the limit of the regularised direction as reg -> 0. That is what is computed for every Gram
+matrix whose Cholesky factorisation fails (through a float64 eigendecomposition; no reg is added behind the user's
+back). At step 0 with B = 0 it gives d_A = 0 (= ∇A), so only B moves, as with reg > 0.
 """
 
 from __future__ import annotations
@@ -25,13 +25,12 @@ from torch import Tensor
 
 from ._workspace import Workspace
 
-__all__ = ["preconditioned_directions", "inverse_gram", "compute_dtype", "STACK_MAX_NUMEL"]
+__all__ = ["preconditioned_directions", "inverse_gram", "compute_dtype"]
 
 Pair = tuple[Tensor, Tensor, int]  # (A, B, blocks)
-Grads = tuple[Optional[Tensor], Optional[Tensor]]  # (∇A, ∇B); None where a factor has no gradient
-
-# In the batched path, factors with at most this many elements are stacked (one batched product per bucket); larger
-# ones get one product each, which copies nothing (benchmarks/optimizer_step.py covers both regimes).
+Grads = tuple[Optional[Tensor], Optional[Tensor]]  # (∇A, ∇B), None where a factor has no gradient
+# Batched path: factors of at most this many elements are stacked (one product per bucket), larger ones get a
+# product each, which copies nothing (benchmarks/optimizer_step.py has cases on both sides).
 STACK_MAX_NUMEL = 1 << 15
 
 
@@ -76,10 +75,9 @@ def preconditioned_directions(
     """The update directions ``(d_A, d_B)`` of LoRA pairs ``(A, B, blocks)`` with gradients ``(∇A, ∇B)``.
 
     Shaped and typed like A and B; ``None`` where the gradient is ``None``. ``batched=False`` is the loop below, one
-    pair at a time; ``batched=True`` buckets the factors by shape and computes each bucket's Gram matrices,
-    factorisations, inverses and products as batched calls (:func:`_batched_directions`), reusing the buffers of
-    ``workspace`` (which belongs to these pairs): the same directions up to float rounding. ``sums`` gets sums of
-    the directions appended, a few scalars that are all finite if every direction is.
+    pair at a time; ``batched=True`` gives the same directions (up to float rounding) from batched calls per bucket
+    of alike factors (:func:`_batched_directions`), in buffers of ``workspace`` (kept by the caller for the same
+    pairs). Sums of the directions are appended to ``sums``: a few scalars, all finite if every direction is.
     """
     if not isinstance(reg, (int, float)) or reg != reg or reg < 0:
         raise ValueError(f"reg must be a number >= 0, got {reg!r}")
@@ -105,8 +103,8 @@ def preconditioned_directions(
 
 
 class _Bucket(NamedTuple):
-    """Factors of one side (0: the A's, whose partner is B; 1: the B's) of pairs alike in shapes, blocks, dtype and
-    device, given by pair index; ``stacked``: small enough to be stacked into one tensor."""
+    """The factors on one ``side`` (0: A, partner B; 1: B, partner A) of the pairs ``members`` (indices), alike in
+    shapes, blocks, dtype and device; ``stacked`` when small enough to be stacked into one tensor."""
 
     side: int
     members: list[int]
@@ -121,15 +119,20 @@ def _buckets(pairs: Sequence[Pair], has_grad: tuple, reuse: bool) -> list[_Bucke
             if present[side]:
                 members[(side, A.shape, B.shape, k, A.dtype, A.device)].append(i)
     return [
-        _Bucket(key[0], ids, pairs[ids[0]][key[0]].numel() <= STACK_MAX_NUMEL, Workspace(reuse))
-        for key, ids in members.items()
+        _Bucket(side, ids, pairs[ids[0]][side].numel() <= STACK_MAX_NUMEL, Workspace(reuse))
+        for (side, *_), ids in members.items()
     ]
 
 
+def _chunks(bucket: _Bucket, name: str, buffer: Tensor, shape: tuple) -> Sequence[Tensor]:
+    """``buffer`` cut into the bucket's chunks: itself if stacked, else one view of ``shape`` per pair."""
+    return [buffer] if bucket.stacked else bucket.workspace.views(name, buffer, shape)
+
+
 def _batched_directions(pairs: Sequence[Pair], grads: Sequence[Grads], reg: float, workspace: Workspace, sums):
-    """:func:`preconditioned_directions` bucket by bucket. In a stacked bucket the partners and the gradients are
-    stacked, so that each product is one batched call for all of its pairs; otherwise each pair gets its own
-    products, and the r x r work is batched. A bucket's directions are views of one buffer."""
+    """:func:`preconditioned_directions`, bucket by bucket: in a stacked bucket the partners and the gradients are
+    stacked so that each product is one call for all its pairs; otherwise every pair gets its own products. The
+    r x r work is batched in both. A bucket's directions are views of one buffer."""
     has_grad = tuple((g_A is not None, g_B is not None) for g_A, g_B in grads)
     directions = [[None, None] for _ in pairs]
     for bucket in workspace.memo("buckets", has_grad, lambda: _buckets(pairs, has_grad, workspace.reuse)):
@@ -137,33 +140,28 @@ def _batched_directions(pairs: Sequence[Pair], grads: Sequence[Grads], reg: floa
         A, B, k = pairs[ids[0]]
         factor, partner = (A, B) if side == 0 else (B, A)
         dtype, device, count, r = compute_dtype(A.dtype), A.device, len(ids), B.shape[1]
-        # every block as a matrix: partner B (m, r) and gradient ∇A (r, n) on side 0, A (r, n) and ∇B (m, r) on 1
+        # each block as a matrix: partner B (m, r) and gradient ∇A (r, n) on side 0, A (r, n) and ∇B (m, r) on 1
         partner_block = (partner.shape[0] // k, partner.numel() // partner.shape[0])
         grad_block = (factor.shape[0] // k, factor.numel() // factor.shape[0])
         out = work.empty("out", (count, *factor.shape), factor.dtype, device)
-        partners = [pairs[i][1 - side] for i in ids]
-        grad = [grads[i][side] for i in ids]
+        partners, grad = [pairs[i][1 - side] for i in ids], [grads[i][side] for i in ids]
         if bucket.stacked:  # one chunk holding every block of the bucket
             partners = [torch.stack(partners, out=work.empty("partners", (count, *partner.shape), A.dtype, device))]
             grad = [torch.stack(grad, out=work.empty("grads", out.shape, A.dtype, device))]
-            outs, chunk = [out], (count * k,)
-        else:  # one chunk per pair
-            outs, chunk = work.views("outs", out, factor.shape), (k,) if k > 1 else ()
+        chunk = (count * k,) if bucket.stacked else (k,) if k > 1 else ()  # leading dims of a chunk's matrices
         partners = [p.detach().reshape(*chunk, *partner_block).to(dtype) for p in partners]
         grad = [g.reshape(*chunk, *grad_block).to(dtype) for g in grad]
         grams = work.empty("grams", (count * k, r, r), dtype, device)
-        gram_chunks = [grams] if bucket.stacked else work.views("grams", grams, (*chunk, r, r))
-        for p, gram in zip(partners, gram_chunks):
+        for p, gram in zip(partners, _chunks(bucket, "grams", grams, (*chunk, r, r))):
             torch.matmul(p.mT, p, out=gram) if side == 0 else torch.matmul(p, p.mT, out=gram)  # BᵀB or AAᵀ
         inverse = inverse_gram(grams, reg, work)
-        inverses = [inverse] if bucket.stacked else work.views("inverses", inverse, (*chunk, r, r))
-        for inv, g, target in zip(inverses, grad, outs):
-            target = target.view(g.shape)
+        inverses = _chunks(bucket, "inverses", inverse, (*chunk, r, r))
+        for inv, g, target in zip(inverses, grad, _chunks(bucket, "outs", out, factor.shape)):
             left, right = (inv, g) if side == 0 else (g, inv)  # (BᵀB + reg I)⁻¹ ∇A or ∇B (AAᵀ + reg I)⁻¹
             if target.dtype == dtype:
-                torch.matmul(left, right, out=target)
+                torch.matmul(left, right, out=target.view(g.shape))
             else:
-                target.copy_(left @ right)
+                target.view(g.shape).copy_(left @ right)
         for i, d in zip(ids, work.views("directions", out, factor.shape)):
             directions[i][side] = d
         if sums is not None:
