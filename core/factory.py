@@ -14,19 +14,14 @@ __all__ = ["build_optimizer", "OPTIMIZER_NAMES", "HPARAMS"]
 
 OPTIMIZER_NAMES = ("sgd", "scaled_gd", "adamw", "scaled_adamw")  # the paper's four
 
-_SGD = {"lr", "weight_decay", "momentum", "check_finite"}
-_ADAMW = {"lr", "betas", "eps", "weight_decay", "bias_correction", "check_finite", "fused"}
+_SGD = frozenset({"lr", "weight_decay", "momentum", "check_finite"})
+_ADAMW = frozenset({"lr", "betas", "eps", "weight_decay", "bias_correction", "check_finite", "fused"})
 # the keyword arguments build_optimizer accepts for each optimizer name
-HPARAMS: dict[str, frozenset[str]] = {
-    "sgd": frozenset(_SGD),
-    "scaled_gd": frozenset(_SGD | {"reg"}),
-    "adamw": frozenset(_ADAMW),
-    "scaled_adamw": frozenset(_ADAMW | {"reg", "variant"}),
-}
+HPARAMS = {"sgd": _SGD, "scaled_gd": _SGD | {"reg"}, "adamw": _ADAMW, "scaled_adamw": _ADAMW | {"reg", "variant"}}
 _GROUP_KEYS = {"lr", "weight_decay", "momentum", "reg", "betas", "eps", "bias_correction"}
 
 
-def _check_hparams(name: str, hparams: Mapping[str, Any], allowed: frozenset[str], where: str) -> None:
+def _check_hparams(name: str, hparams: Mapping[str, Any], allowed: frozenset[str], where: str = "") -> None:
     unknown = sorted(set(hparams) - allowed)
     if unknown:
         raise ValueError(
@@ -34,30 +29,16 @@ def _check_hparams(name: str, hparams: Mapping[str, Any], allowed: frozenset[str
         )
 
 
-def _as_module(model: nn.Module | Mapping[str, nn.Module]) -> nn.Module:
-    if isinstance(model, nn.Module):
-        return model
-    if isinstance(model, Mapping):
-        return nn.ModuleDict(dict(model))
-    raise TypeError(f"model must be an nn.Module or a dict of them, got {type(model).__name__}")
-
-
 def _owner(param_name: str, prefixes: list[str]) -> str | None:
     """The longest override prefix that ``param_name`` lies under (``None``: the default group)."""
-    best = None
-    for prefix in prefixes:
-        if (param_name == prefix or param_name.startswith(prefix + ".")) and (best is None or len(prefix) > len(best)):
-            best = prefix
-    return best
+    owners = [p for p in prefixes if param_name == p or param_name.startswith(p + ".")]
+    return max(owners, key=len, default=None)
 
 
 def build_optimizer(
-    model: nn.Module | Mapping[str, nn.Module],
-    name: str,
-    *,
-    group_overrides: Mapping[str, Mapping[str, Any]] | None = None,
-    **hparams: Any,
-) -> torch.optim.Optimizer:
+    model: nn.Module | Mapping[str, nn.Module], name: str, *,
+    group_overrides: Mapping[str, Mapping[str, Any]] | None = None, **hparams: Any,
+) -> torch.optim.Optimizer:  # fmt: skip
     """Build one of :data:`OPTIMIZER_NAMES` over all trainable parameters of ``model``.
 
     LoRA pairs (found by :func:`core.find_lora_pairs`) get the preconditioner under ``scaled_gd`` /
@@ -73,10 +54,12 @@ def build_optimizer(
     """
     if name not in HPARAMS:
         raise ValueError(f"unknown optimizer {name!r}; expected one of {list(OPTIMIZER_NAMES)}")
-    _check_hparams(name, hparams, HPARAMS[name], "")
+    _check_hparams(name, hparams, HPARAMS[name])
     if "betas" in hparams:
         hparams["betas"] = tuple(hparams["betas"])
-    module = _as_module(model)
+    if not isinstance(model, (nn.Module, Mapping)):
+        raise TypeError(f"model must be an nn.Module or a dict of them, got {type(model).__name__}")
+    module = model if isinstance(model, nn.Module) else nn.ModuleDict(dict(model))
     overrides = {k: dict(v) for k, v in (group_overrides or {}).items()}
     for prefix, values in overrides.items():
         _check_hparams(name, values, HPARAMS[name] & _GROUP_KEYS, f" in group_overrides['{prefix}']")
@@ -89,12 +72,11 @@ def build_optimizer(
     for prefix in prefixes:
         if not any(_owner(n, [prefix]) for n, _ in trainable):
             raise ValueError(f"group_overrides key '{prefix}' matches no trainable parameter of the model")
-
-    scaled = name.startswith("scaled_")
     groups: dict[str | None, dict[str, Any]] = {
         key: {"lora_pairs": [], "params": [], "param_names": [], **overrides.get(key, {})} for key in [None] + prefixes
     }
     paired: set[int] = set()
+    scaled = name.startswith("scaled_")
     if scaled:
         pairs = find_lora_pairs(module)
         if not pairs:
@@ -114,7 +96,6 @@ def build_optimizer(
             group = groups[_owner(param_name, prefixes)]
             group["params"].append(param)
             group["param_names"].append(param_name)
-
     param_groups = [g for g in groups.values() if g["lora_pairs"] or g["params"]]
     cls = ScaledGD if name in ("sgd", "scaled_gd") else ScaledAdamW
     return cls(param_groups, precondition=scaled, **hparams)

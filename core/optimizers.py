@@ -299,13 +299,9 @@ class ScaledAdamW(_LoraOptimizer):
     never modified; the state of each parameter is torch AdamW's (``step``, ``exp_avg``, ``exp_avg_sq``).
 
     Args:
-        params: LoRA pairs (``find_lora_pairs(model)``) or parameter groups with ``lora_pairs`` and/or ``params``.
-        lr, betas, eps, weight_decay: as torch.optim.AdamW.
-        reg: ridge ``reg I`` added to the r x r Gram matrices (>= 0; see core.preconditioner for reg = 0).
-        bias_correction: AdamW's bias correction (True as in torch). variant: ``"gradient"`` or ``"update"``.
-        precondition: apply the preconditioner to LoRA pairs.
-        check_finite: raise :class:`NonFiniteGradientError` (before changing anything) when a gradient or an update
-            direction holds inf or nan.
+        params, reg, precondition, check_finite: as :class:`ScaledGD`.
+        lr, betas, eps, weight_decay: as torch.optim.AdamW. bias_correction: AdamW's (True as in torch).
+        variant: ``"gradient"`` or ``"update"``, see above.
         fused: use torch's fused AdamW kernel (``None``: where it applies, parameters on CPU or CUDA).
     """
 
@@ -332,31 +328,31 @@ class ScaledAdamW(_LoraOptimizer):
             group["fused"] = all(p.device.type in ("cpu", "cuda") for p in group["params"])
 
     def _prepare(self, gi: int, group: dict, sums: list | None) -> _Step:
-        """Directions and, but for torch's own case (the gradient variant with bias correction), the moments."""
-        if group["variant"] == "gradient" and group["bias_correction"]:
-            return super()._prepare(gi, group, sums)
-        grads = self._gradients(group)
+        """Directions and, but for torch's own case (the gradient variant with bias correction), the new moments."""
+        if group["variant"] == "gradient":
+            step = super()._prepare(gi, group, sums)
+            if group["bias_correction"]:
+                return step  # _apply hands the directions to torch's AdamW
+            u, m, v = self._normalised(group, step.params, step.directions)
+            return step._replace(directions=u, moments=(m, v))  # u of the preconditioned gradients is the update
+        grads = self._gradients(group)  # the update variant: u of the gradients is preconditioned
         indices = [i for i, g in enumerate(grads) if g is not None]
         params = [group["params"][i] for i in indices]
-        states = [self.state.get(p, {}) for p in params]
-
-        def normalised(vectors: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-            return adam_normalised_step(
-                vectors, [s.get("exp_avg") for s in states], [s.get("exp_avg_sq") for s in states],
-                [float(s["step"]) + 1 if s else 1.0 for s in states], beta1=group["betas"][0],
-                beta2=group["betas"][1], eps=group["eps"], bias_correction=group["bias_correction"],
-            )  # fmt: skip
-
-        if group["variant"] == "gradient":  # u of the preconditioned gradients is the update
-            directions = self._directions(gi, group, grads, sums)
-            u, m, v = normalised([directions[i] for i in indices])
-            return _Step(indices, params, u, (m, v))
-        u, m, v = normalised([grads[i] for i in indices])  # the update variant: u of the gradients, preconditioned
+        u, m, v = self._normalised(group, params, [grads[i] for i in indices])
         vectors: list[Tensor | None] = [None] * len(grads)
         for i, u_i in zip(indices, u):
             vectors[i] = u_i
         directions = self._directions(gi, group, vectors, sums)
         return _Step(indices, params, [directions[i] for i in indices], (m, v))
+
+    def _normalised(self, group: dict, params: list[Tensor], vectors: list[Tensor]) -> tuple[list[Tensor], ...]:
+        """:func:`adam_normalised_step` of ``vectors`` with the state of ``params`` (none yet: a first step)."""
+        states = [self.state.get(p, {}) for p in params]
+        return adam_normalised_step(
+            vectors, [s.get("exp_avg") for s in states], [s.get("exp_avg_sq") for s in states],
+            [float(s["step"]) + 1 if s else 1.0 for s in states], beta1=group["betas"][0], beta2=group["betas"][1],
+            eps=group["eps"], bias_correction=group["bias_correction"],
+        )  # fmt: skip
 
     def _apply(self, group: dict, step: _Step) -> None:
         states = []

@@ -9,10 +9,9 @@ convolution factors flattened to matrices. The r x r Gram matrices are factorise
 for float64 factors) whatever the factors' dtype; the directions come back in the factors' dtype.
 
 Singular Gram matrices (``reg = 0`` and a rank-deficient factor, e.g. B = 0 at PEFT's initialisation): ∇A =
-Bᵀ ∂L/∂(BA) always lies in the row space of B, so ``BᵀB X = ∇A`` is consistent and its minimum-norm solution
-``(BᵀB)⁺ ∇A`` is the limit of the regularised direction as reg -> 0. That is what is computed for every Gram
-matrix whose Cholesky factorisation fails (through a float64 eigendecomposition; no reg is added behind the user's
-back). At step 0 with B = 0 it gives d_A = 0 (= ∇A), so only B moves, as with reg > 0.
+Bᵀ ∂L/∂(BA) lies in the row space of B, so ``BᵀB X = ∇A`` is consistent and its minimum-norm solution ``(BᵀB)⁺ ∇A``
+is the reg -> 0 limit of the regularised direction. It is computed (through a float64 eigendecomposition, no reg
+added) for every Gram matrix whose Cholesky factorisation fails. At step 0 with B = 0 it gives d_A = 0 (= ∇A).
 """
 
 from __future__ import annotations

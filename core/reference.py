@@ -1,11 +1,10 @@
 """Plain float64 twins of :class:`~core.optimizers.ScaledGD` and :class:`~core.optimizers.ScaledAdamW`.
 
-Written to be read against the paper, not to be fast: one parameter and one merged block at a time, float64 master
-copies of the parameters (written back into them after each step), an explicit solve per block (the minimum-norm
-solution through a pseudo-inverse when the Gram matrix is singular), the update rules as the class docstrings of
-:mod:`core.optimizers` state them. Each twin takes its fast class's constructor (it inherits only that: arguments,
-checks and parameter groups; ``fused`` has no kernel to choose here), so tests build both from the same arguments
-and run them side by side for many steps.
+Written to be read against the paper, not to be fast: one tensor and one merged block at a time, float64 master
+copies of the parameters (written back into them after each step), an explicit solve per block (through the
+pseudo-inverse when the Gram matrix is singular), the update rules as the docstrings of :mod:`core.optimizers` state
+them. A twin takes its fast class's constructor (it inherits its arguments, checks and parameter groups; ``fused``
+has no kernel to choose here), so that tests build both alike and run them side by side for many steps.
 """
 
 from __future__ import annotations
