@@ -10,11 +10,8 @@ JSON object at full precision. Needs ``java`` on PATH (METEOR 1.5 and the PTB to
 """
 import argparse
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from e2e_metrics import METRIC_NAMES, read_predictions, read_references, score_corpus  # noqa: E402
+from e2e_metrics import METRIC_NAMES, read_predictions, read_references, score_corpus
 
 
 def main(argv=None) -> dict:

@@ -19,10 +19,14 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(1, str(HERE.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for core and harness
 
-from core import OPTIMIZER_NAMES, PEER_NAMES, REPO_ROOT, load_records  # noqa: E402
+from harness import ALL_OPTIMIZERS, OPTIMIZER_NAMES, REPO_ROOT, load_records  # noqa: E402
+
+from main_figures.metrics import GRID_NOTE, format_width, lr_points, lr_robustness, outcome_label  # noqa: E402
+from main_figures.metrics import robustness_verdict, run_outcome, tolerance_for  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
 
 METRICS = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
 LABELS = {"sgd": "SGD", "scaled_gd": "scaled GD", "adamw": "AdamW", "scaled_adamw": "scaled AdamW",
@@ -59,6 +63,20 @@ def _fmt(value) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def _records(results_dir: str | Path, experiment: str = "gpt2_e2e") -> list:
+    """The experiment's records; a file that is not a run record is skipped with a warning naming it."""
+    return load_records(results_dir, experiment, on_invalid="warn")
+
+
+def _left_out_note(records) -> list[str]:
+    """A line naming the runs that are still running or were interrupted (left out of every value)."""
+    left = [r for r in records if run_outcome(r) in ("running", "interrupted")]
+    if not left:
+        return []
+    runs = ", ".join(f"{LABELS.get(r.optimizer, r.optimizer)} lr {r.hparams['lr']:g} ({run_outcome(r)})" for r in left)
+    return [f"Left out (still running or interrupted): {runs}.\n"]
+
+
 def table1(results_dir: str | Path, preset: str | None = None, sweep: str = "table1") -> str:
     """Markdown Table 1 (one per preset found, or only ``preset``): each of the four optimizers at its paper lr.
 
@@ -66,8 +84,8 @@ def table1(results_dir: str | Path, preset: str | None = None, sweep: str = "tab
     and preset the newest one at the paper lr. The best value of each metric is in bold. Raises
     ``FileNotFoundError`` when no such record exists.
     """
-    records = [r for r in load_records(results_dir, "gpt2_e2e")
-               if r.optimizer in OPTIMIZER_NAMES and "BLEU" in r.final_metrics
+    records = [r for r in _records(results_dir)
+               if r.optimizer in OPTIMIZER_NAMES and ("BLEU" in r.final_metrics or run_outcome(r) != "done")
                and _same(r.hparams["lr"], paper_lr(r.optimizer)) and r.tags.get("sweep", "table1") == sweep
                and (preset is None or r.tags.get("preset") == preset)]
     if not records:
@@ -78,9 +96,17 @@ def table1(results_dir: str | Path, preset: str | None = None, sweep: str = "tab
         by_preset[r.tags.get("preset", "?")][r.optimizer].append(r)
     out = []
     for name in sorted(by_preset):
-        chosen = {opt: _latest(rs) for opt, rs in by_preset[name].items()}
-        best = {m: max(r.final_metrics[m] for r in chosen.values()) for m in METRICS}
-        first = next(iter(chosen.values()))
+        # per optimizer the newest run that is over (done, diverged or failed); running / interrupted ones are noted
+        over = {opt: [r for r in rs if run_outcome(r) in ("done", "diverged", "failed")]
+                for opt, rs in by_preset[name].items()}
+        chosen = {opt: _latest(rs) for opt, rs in over.items() if rs}
+        done = [r for r in chosen.values() if run_outcome(r) == "done"]
+        best = {m: max((r.final_metrics[m] for r in done), default=None) for m in METRICS}
+        first = (done or list(chosen.values()) or [None])[0]
+        if first is None:
+            out += [f"**{name}**: every run at the paper learning rates is still running or was interrupted\n"]
+            out += _left_out_note([r for rs in by_preset[name].values() for r in rs])
+            continue
         out.append(f"**{name}**: {first.final_metrics.get('test_mrs', '?')} test MRs, "
                    f"{first.final_metrics.get('steps', '?')} training steps, seed {first.seed}\n")
         out.append("| optimizer | lr | " + " | ".join(m.replace("_", "-") for m in METRICS) + " |")
@@ -89,10 +115,14 @@ def table1(results_dir: str | Path, preset: str | None = None, sweep: str = "tab
             if opt not in chosen:
                 continue
             r = chosen[opt]
-            cells = [f"**{_fmt(r.final_metrics[m])}**" if _same(r.final_metrics[m], best[m])
-                     else _fmt(r.final_metrics[m]) for m in METRICS]
+            if run_outcome(r) != "done":  # diverged / failed: never a value, whatever was scored after stopping
+                cells = [outcome_label(r)] * len(METRICS)
+            else:
+                cells = [f"**{_fmt(r.final_metrics[m])}**" if _same(r.final_metrics[m], best[m])
+                         else _fmt(r.final_metrics[m]) for m in METRICS]
             out.append(f"| {LABELS[opt]} | {r.hparams['lr']:g} | " + " | ".join(cells) + " |")
         out.append("")
+        out += _left_out_note([r for rs in by_preset[name].values() for r in rs if r not in chosen.values()])
     return "\n".join(out)
 
 
@@ -108,28 +138,45 @@ def lr_sweep_table(results_dir: str | Path, metric: str = "BLEU", preset: str = 
                    sweep: str = "lr") -> str:
     """Markdown table of ``metric`` (see :func:`metric_of`, e.g. BLEU or valid_loss_best) per optimizer x lr.
 
-    Uses the records tagged ``sweep=<sweep>`` of ``preset``; a diverged run shows ``diverged@<step>``.
+    Uses the records tagged ``sweep=<sweep>`` of ``preset``; a diverged run shows ``diverged@<step>``, a failed,
+    running or interrupted one its status (none of them is a value). For a metric with a tolerance
+    (``main_figures.metrics.TOLERANCES``: BLEU) each optimizer's best and the width in decades of its learning-rate
+    interval within the tolerance follow, with the "most robust" verdict under the table.
     """
-    records = [r for r in load_records(results_dir, "gpt2_e2e")
+    records = [r for r in _records(results_dir)
                if r.tags.get("sweep") == sweep and r.tags.get("preset") == preset]
     if not records:
         raise FileNotFoundError(f"no gpt2_e2e records with tags sweep={sweep}, preset={preset!r} in {results_dir}")
     lrs = sorted({float(r.hparams["lr"]) for r in records})
     cell = {(r.optimizer, float(r.hparams["lr"])): r for r in records}
-    lines = [f"| optimizer \\ lr ({metric}) | " + " | ".join(f"{lr:g}" for lr in lrs) + " |",
-             "|---|" + "---|" * len(lrs)]
-    for opt in [o for o in OPTIMIZER_NAMES + PEER_NAMES if any(k[0] == o for k in cell)]:
+    opts = [o for o in ALL_OPTIMIZERS if any(k[0] == o for k in cell)]
+    tol = tolerance_for("gpt2_e2e", metric)
+    rob = None
+    if tol is not None:  # BLEU: each optimizer's best and its learning-rate interval within the tolerance
+        points = {o: lr_points([r for r in records if r.optimizer == o], metric) for o in opts}
+        rob = lr_robustness(points, "gpt2_e2e", metric, higher=True)
+    extra = ["best", f"width (decades) within {tol.text}"] if rob else []
+    lines = [f"| optimizer \\ lr ({metric}) | " + " | ".join([f"{lr:g}" for lr in lrs] + extra) + " |",
+             "|---|" + "---|" * (len(lrs) + len(extra))]
+    for opt in opts:
         row = []
         for lr in lrs:
             r = cell.get((opt, lr))
             if r is None:
                 row.append("")
-            elif "diverged_at_step" in r.final_metrics:
-                row.append(f"diverged@{r.final_metrics['diverged_at_step']}")
+            elif run_outcome(r) != "done":
+                row.append(outcome_label(r))
             else:
                 row.append(_fmt(metric_of(r, metric)))
+        if rob:
+            best = rob.row(opt)
+            row += [_fmt(best.best) if math.isfinite(best.best) else "-", format_width(best)]
         lines.append(f"| {LABELS[opt]} | " + " | ".join(row) + " |")
-    return "\n".join(lines) + "\n"
+    if rob:
+        lines += ["", f"Robustness: {GRID_NOTE}; tolerance {tol.text}.", ""]
+        lines += robustness_verdict(rob, lambda o: LABELS.get(o, o))
+    left = _left_out_note(records)
+    return "\n".join(lines) + "\n" + ("\n" + "".join(left) if left else "")
 
 
 def loss_curves(results_dir: str | Path, out_png: str | Path, preset: str | None = None) -> Path:
@@ -139,7 +186,7 @@ def loss_curves(results_dir: str | Path, out_png: str | Path, preset: str | None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [r for r in load_records(results_dir, "gpt2_e2e")
+    records = [r for r in _records(results_dir)
                if r.optimizer in ("sgd", "scaled_gd") and r.tags.get("sweep") == "loss_curves"
                and (preset is None or r.tags.get("preset") == preset)]
     if not records:
@@ -164,12 +211,12 @@ def loss_curves(results_dir: str | Path, out_png: str | Path, preset: str | None
 
 def runtime_table(results_dir: str | Path) -> str:
     """Markdown: median seconds per training step (and per optimizer step) for each device, optimizer and rank."""
-    records = [r for r in load_records(results_dir, "gpt2_runtime") if r.step_time_s is not None]
+    records = [r for r in _records(results_dir, "gpt2_runtime") if r.step_time_s is not None]
     if not records:
         raise FileNotFoundError(f"no gpt2_runtime records in {results_dir}")
     lines = ["| device | batch x seq | optimizer | r | s / step | s / optimizer step | trainable |",
              "|---|---|---|---|---|---|---|"]
-    order = {o: i for i, o in enumerate(OPTIMIZER_NAMES + PEER_NAMES)}
+    order = {o: i for i, o in enumerate(ALL_OPTIMIZERS)}
     for r in sorted(records, key=lambda x: (x.tags.get("device", "?"), int(x.tags["r"]), order[x.optimizer])):
         t = r.tags
         lines.append(f"| {t.get('device', '?')} | {t.get('batch')} x {t.get('seq')} | {LABELS[r.optimizer]} | {t['r']} "
@@ -185,7 +232,7 @@ def runtime_figure(results_dir: str | Path, out_png: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [r for r in load_records(results_dir, "gpt2_runtime") if r.step_time_s is not None]
+    records = [r for r in _records(results_dir, "gpt2_runtime") if r.step_time_s is not None]
     if not records:
         raise FileNotFoundError(f"no gpt2_runtime records in {results_dir}")
     devices = sorted({r.tags.get("device", "?") for r in records})
@@ -193,7 +240,7 @@ def runtime_figure(results_dir: str | Path, out_png: str | Path) -> Path:
     for ax, device in zip(axes[0], devices):
         recs = [r for r in records if r.tags.get("device", "?") == device]
         ranks = sorted({int(r.tags["r"]) for r in recs})
-        opts = [o for o in OPTIMIZER_NAMES + PEER_NAMES if any(r.optimizer == o for r in recs)]
+        opts = [o for o in ALL_OPTIMIZERS if any(r.optimizer == o for r in recs)]
         width = 0.8 / len(ranks)
         for j, rank in enumerate(ranks):
             times = []

@@ -19,14 +19,14 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent)]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for core and harness
 
-import core  # noqa: E402
+import harness  # noqa: E402
 from lora_layers import apply_lora, count_trainable  # noqa: E402
 from models import build_config_model  # noqa: E402
 
 EXPERIMENT = "gpt2_runtime"
+HERE = Path(__file__).resolve().parent
 
 
 def optim_preset(name: str) -> dict:
@@ -36,7 +36,7 @@ def optim_preset(name: str) -> dict:
 
 def bench_case(name: str, r: int, args: argparse.Namespace) -> Path:
     """Time one optimizer at one rank; write and return its record."""
-    core.seed_everything(args.seed)
+    harness.seed_everything(args.seed)
     model_cfg = OmegaConf.create({"config_file": str(args.config), "config": {"n_layer": args.layers} if args.layers
                                   else None})
     model = build_config_model(model_cfg)
@@ -44,7 +44,7 @@ def bench_case(name: str, r: int, args: argparse.Namespace) -> Path:
                                  "enable_lora": [True, False, True], "r": r, "alpha": 32, "dropout": 0.1})
     model = apply_lora(model, lora_cfg).to(args.device)
     preset = optim_preset(name)
-    optimizer = core.build_optimizer(model, **preset)
+    optimizer = harness.build_optimizer(model, **preset)
     vocab = model.config.vocab_size
     batches = [{"input_ids": torch.randint(vocab, (args.batch, args.seq), device=args.device)}
                for _ in range(args.warmup + args.steps)]
@@ -52,13 +52,13 @@ def bench_case(name: str, r: int, args: argparse.Namespace) -> Path:
     def loss_fn(m, batch):
         return m(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
 
-    core.train_loop(model, optimizer, batches[:args.warmup], loss_fn, desc=f"warm-up {name} r={r}")
+    harness.train_loop(model, optimizer, batches[:args.warmup], loss_fn, desc=f"warm-up {name} r={r}")
     tags = {"r": r, "batch": args.batch, "seq": args.seq, "device": args.device}
     if args.layers:
         tags["layers"] = args.layers
-    recorder = core.RunRecorder(args.results_dir, EXPERIMENT, name, {k: v for k, v in preset.items() if k != "name"},
+    recorder = harness.RunRecorder(args.results_dir, EXPERIMENT, name, {k: v for k, v in preset.items() if k != "name"},
                                 args.seed, config=vars(args) | {"r": r}, tags=tags)
-    core.train_loop(model, optimizer, batches[args.warmup:], loss_fn, recorder=recorder, desc=f"time {name} r={r}")
+    harness.train_loop(model, optimizer, batches[args.warmup:], loss_fn, recorder=recorder, desc=f"time {name} r={r}")
     opt_times = sorted(s["opt_time_s"] for s in recorder.record.steps)
     path = recorder.finish({"trainable_params": count_trainable(model),
                             "opt_time_s": opt_times[len(opt_times) // 2]})
@@ -69,9 +69,9 @@ def bench_case(name: str, r: int, args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> list[Path]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=Path, default=core.default_data_root() / "gpt2-tokenizer" /
+    parser.add_argument("--config", type=Path, default=harness.default_data_root() / "gpt2-tokenizer" /
                         "gpt2-medium-config.json", help="GPT-2 config JSON (default: gpt2-medium's)")
-    parser.add_argument("--optimizers", nargs="+", default=list(core.OPTIMIZER_NAMES))
+    parser.add_argument("--optimizers", nargs="+", default=list(harness.OPTIMIZER_NAMES))
     parser.add_argument("--ranks", nargs="+", type=int, default=[4, 256])
     parser.add_argument("--batch", type=int, default=1, help="sequences per step (paper: 8)")
     parser.add_argument("--seq", type=int, default=64, help="tokens per sequence (paper: 512)")
@@ -81,11 +81,11 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=110)
-    parser.add_argument("--results-dir", type=Path, default=core.REPO_ROOT / "results")
+    parser.add_argument("--results-dir", type=Path, default=harness.REPO_ROOT / "results")
     args = parser.parse_args(argv)
-    unknown = sorted(set(args.optimizers) - set(core.OPTIMIZER_NAMES + core.PEER_NAMES))
+    unknown = sorted(set(args.optimizers) - set(harness.ALL_OPTIMIZERS))
     if unknown:
-        parser.error(f"unknown optimizer(s) {unknown}; expected some of {list(core.OPTIMIZER_NAMES)}")
+        parser.error(f"unknown optimizer(s) {unknown}; expected some of {list(harness.ALL_OPTIMIZERS)}")
     if not args.config.is_file():
         parser.error(f"--config {args.config} not found")
     if args.threads:

@@ -1,8 +1,8 @@
 """LoRA fine-tuning on E2E NLG with the paper's optimizers: train, select on validation, beam-decode, score.
 
     python GPT-2/train.py optim=adamw                                    # the paper recipe (GPT-2 medium)
-    python GPT-2/train.py experiment=smollm2_cpu optim=scaled_adamw      # CPU-sized reproduction
-    python GPT-2/train.py -m experiment=smollm2_cpu sweep=lr_adamw_vs_scaled_adamw
+    python GPT-2/train.py preset=smollm2_cpu optim=scaled_adamw          # CPU-sized reproduction
+    python GPT-2/train.py -m preset=smollm2_cpu sweep=lr_adamw_vs_scaled_adamw
     accelerate launch GPT-2/train.py optim=scaled_adamw                  # multi-GPU (DDP)
 
 Config: GPT-2/conf/config.yaml (every default commented there). Writes one record per run to
@@ -24,18 +24,15 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent)]  # this folder's modules (its name has a hyphen) and the repo's core
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for core and harness
 
-import core  # noqa: E402
+import harness  # noqa: E402
 from decoding import beam_decode  # noqa: E402
 from e2e_data import E2EDataset, collate, even_subset, group_by_mr, load_splits  # noqa: E402
 from lora_layers import apply_lora, count_trainable, trainable_state  # noqa: E402
 from models import load_model  # noqa: E402
 
 EXPERIMENT = "gpt2_e2e"
-OmegaConf.register_new_resolver("repo_root", lambda: str(core.REPO_ROOT), replace=True)
-OmegaConf.register_new_resolver("default_data_root", lambda: str(core.default_data_root()), replace=True)
 
 
 def lm_loss(model: torch.nn.Module, batch: dict, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -56,9 +53,9 @@ def mean_loss(model: torch.nn.Module, loader: torch.utils.data.DataLoader) -> fl
 
 def check_config(cfg: DictConfig) -> None:
     """Fail before loading anything on a config that cannot run."""
-    names = core.OPTIMIZER_NAMES + core.PEER_NAMES
-    if cfg.optim.name not in names:
-        raise ValueError(f"unknown optimizer optim.name={cfg.optim.name!r}; expected one of {list(names)}")
+    if cfg.optim.name not in harness.ALL_OPTIMIZERS:
+        raise ValueError(f"unknown optimizer optim.name={cfg.optim.name!r}; "
+                         f"expected one of {list(harness.ALL_OPTIMIZERS)}")
     if cfg.optim.name in ("peft_riemannian", "lora_rite") and cfg.lora.placement != "peft":
         raise ValueError(f"optimizer {cfg.optim.name!r} needs PEFT LoRA modules: set lora.placement=peft "
                          f"(got {cfg.lora.placement!r})")
@@ -67,12 +64,12 @@ def check_config(cfg: DictConfig) -> None:
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     check_config(cfg)
-    if cfg.num_threads:
-        torch.set_num_threads(int(cfg.num_threads))
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
     from accelerate import Accelerator
 
     accelerator = Accelerator()
-    core.seed_everything(int(cfg.seed))
+    harness.seed_everything(int(cfg.seed))
     splits = load_splits(cfg.data)
     model, tokenizer = load_model(cfg.model)
     model = apply_lora(model, cfg.lora)
@@ -84,7 +81,7 @@ def main(cfg: DictConfig) -> float:
                                generator=torch.Generator().manual_seed(int(cfg.seed)))
     valid_loader = make_loader(E2EDataset(splits["validation"], tokenizer, int(cfg.data.max_length)))
     optim_cfg = OmegaConf.to_container(cfg.optim, resolve=True)
-    optimizer = core.build_optimizer(model, **optim_cfg)
+    optimizer = harness.build_optimizer(model, **optim_cfg)
     model, optimizer, train_loader, valid_loader = accelerator.prepare(model, optimizer, train_loader, valid_loader)
     total_steps = cfg.train.max_steps or int(cfg.train.epochs) * len(train_loader)
     from transformers import get_linear_schedule_with_warmup
@@ -92,7 +89,7 @@ def main(cfg: DictConfig) -> float:
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.train.warmup_steps), total_steps)
 
     hparams = {k: v for k, v in optim_cfg.items() if k != "name"}
-    recorder = core.RunRecorder(
+    recorder = harness.RunRecorder(
         cfg.results_dir, experiment=EXPERIMENT, optimizer=cfg.optim.name, hparams=hparams, seed=int(cfg.seed),
         config=OmegaConf.to_container(cfg, resolve=True), tags=OmegaConf.to_container(cfg.tags, resolve=True),
         run_name=cfg.run_name, wandb=OmegaConf.to_container(cfg.wandb) if cfg.wandb else None,
@@ -109,7 +106,7 @@ def main(cfg: DictConfig) -> float:
         return {"valid_loss": loss}
 
     eval_every = int(cfg.train.eval_every or len(train_loader))
-    losses = core.train_loop(
+    losses = harness.train_loop(
         model, optimizer, train_loader, partial(lm_loss, label_smoothing=float(cfg.train.label_smoothing)),
         scheduler=scheduler, max_steps=cfg.train.max_steps, epochs=int(cfg.train.epochs),
         grad_clip=cfg.train.grad_clip, accelerator=accelerator, recorder=recorder,

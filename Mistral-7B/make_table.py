@@ -7,7 +7,9 @@
 preset: each cell is the task's dev metric x 100 (Matthews for CoLA, Pearson for STS-B, accuracy otherwise; MNLI
 matched), mean ± std over seeds at the optimizer's tuned (lr, reg): the setting run with the most seeds, ties
 (e.g. one seed per LR) broken by the best score. `make_sweep_table` is the metric per optimizer and learning
-rate with the step time; `make_reg_table` the metric per `reg` and learning rate of one optimizer.
+rate with each optimizer's learning-rate robustness (best, and the width in decades of the interval of learning
+rates within 1 point of it; `main_figures/metrics.py`) and the step time; `make_reg_table` the metric per `reg` and
+learning rate of one optimizer. Diverged and failed runs are never counted as values.
 """
 from __future__ import annotations
 
@@ -17,11 +19,13 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent)]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for core and harness
+
 from glue_metrics import GLUE_TASKS, primary_metric  # noqa: E402
 
-from core import REPO_ROOT, load_records  # noqa: E402
+from harness import REPO_ROOT, load_records  # noqa: E402
+from main_figures.metrics import GRID_NOTE, format_width, lr_points, lr_robustness, outcome_label  # noqa: E402
+from main_figures.metrics import robustness_verdict, run_outcome, tolerance_for  # noqa: E402
 
 EXPERIMENT = "glue"
 OPTIMIZERS = ("sgd", "scaled_gd", "adamw", "scaled_adamw", "peft_riemannian", "loraplus", "lora_rite")
@@ -31,13 +35,17 @@ RESULTS = REPO_ROOT / "results"
 
 
 def score(record) -> float | None:
-    """The record's Table-2 metric x 100 (None when it was not measured or is not finite)."""
+    """The record's Table-2 metric x 100 (None when it was not measured or is not finite, or when the run did not
+    finish: diverged and failed runs never count as values, even when they were evaluated after stopping)."""
+    if run_outcome(record) != "done":
+        return None
     value = record.final_metrics.get(primary_metric(record.tags["task"]))
     return None if value is None or value != value else 100.0 * value
 
 
 def _records(results_dir, presets=None, task=None):
-    return [r for r in load_records(results_dir, EXPERIMENT)
+    """The GLUE records (a file that is not a run record is skipped with a warning naming it)."""
+    return [r for r in load_records(results_dir, EXPERIMENT, on_invalid="warn")
             if (presets is None or r.tags.get("preset") in presets) and (task is None or r.tags["task"] == task)]
 
 
@@ -54,11 +62,18 @@ def _order(optimizer: str) -> tuple:
 
 
 def _mean_std(records) -> str:
+    """Mean ± std of the scores of the runs that are done; the others are counted after it (``+1 diverged``), or
+    shown alone (``diverged@<step>``, ``failed``, ``running``) when no run is done."""
     values = [s for s in map(score, records) if s is not None]
+    others = [r for r in records if run_outcome(r) != "done"]
     if not values:
-        return "–"
+        labels = sorted({outcome_label(r) for r in others})
+        return " / ".join(labels) + (f" ({len(others)} runs)" if len(others) > 1 else "") if labels else "–"
     text = f"{statistics.mean(values):.1f}" + (f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else "")
-    return text + (" †" if any("diverged_at_step" in r.final_metrics for r in records) else "")
+    counts = defaultdict(int)
+    for r in others:
+        counts[run_outcome(r)] += 1
+    return text + "".join(f" (+{n} {outcome})" for outcome, n in sorted(counts.items()))
 
 
 def _tuned(by_config: dict) -> tuple[tuple, list]:
@@ -104,11 +119,21 @@ def make_table(results_dir: str | Path = RESULTS, preset: str | None = None) -> 
 
 
 def make_sweep_table(results_dir: str | Path = RESULTS, preset: str = "minilm_sst2", task: str = "sst2") -> str:
-    """Metric x 100 per optimizer (rows) and learning rate (columns), mean ± std where several seeds ran;
-    † marks runs stopped by a non-finite gradient; last column: step time, the smallest of the runs' median
-    step times (the least disturbed by other jobs on a shared machine)."""
-    by_optim = _group(_records(results_dir, (preset,), task), lambda r: r.optimizer, lambda r: r.hparams["lr"])
+    """Metric x 100 per optimizer (rows) and learning rate (columns), mean ± std where several seeds ran; a
+    diverged, failed, running or interrupted run is never a value (the cell counts it, or shows it alone); then
+    each optimizer's best and the width in decades of its learning-rate interval within the tolerance of that best
+    (``main_figures.metrics.lr_robustness``), and the step time: the smallest of the runs' median step times (timing noise
+    only ever adds time). The "most robust" verdict follows the table."""
+    records = _records(results_dir, (preset,), task)
+    by_optim = _group(records, lambda r: r.optimizer, lambda r: r.hparams["lr"])
     lrs = sorted({lr for by_lr in by_optim.values() for lr in by_lr})
+    metric = primary_metric(task)
+    tol = tolerance_for(EXPERIMENT, metric)
+    rob = None
+    if tol is not None and by_optim:
+        points = {o: lr_points([r for rs in by_optim[o].values() for r in rs], metric)
+                  for o in sorted(by_optim, key=_order)}
+        rob = lr_robustness(points, EXPERIMENT, metric, higher=True)
     rows = []
     for optim in sorted(by_optim, key=_order):
         regs = {r.hparams.get("reg") for rs in by_optim[optim].values() for r in rs}
@@ -116,10 +141,19 @@ def make_sweep_table(results_dir: str | Path = RESULTS, preset: str = "minilm_ss
             raise ValueError(f"{preset}: {optim} was run with several reg values {sorted(regs)}; "
                              "record reg sweeps under their own preset tag (see conf/sweep/minilm_reg.yaml)")
         times = [r.step_time_s for rs in by_optim[optim].values() for r in rs if r.step_time_s]
+        extra = []
+        if rob is not None:
+            row = rob.row(optim)
+            extra = [f"{100 * row.best:.1f}" if row.best == row.best else "–", format_width(row)]
         rows.append([optim, *(_mean_std(by_optim[optim][lr]) if lr in by_optim[optim] else "–" for lr in lrs),
-                     f"{1000 * min(times):.0f}" if times else "–"])
-    title = f"**{preset}**, {task}: dev {primary_metric(task)} x 100 by learning rate"
-    return _table(title, ["optimizer", *(f"lr {lr:g}" for lr in lrs), "step time (ms)"], rows)
+                     *extra, f"{1000 * min(times):.0f}" if times else "–"])
+    title = f"**{preset}**, {task}: dev {metric} x 100 by learning rate"
+    robust_cols = ["best", f"width (decades) within {tol.text}"] if rob is not None else []
+    table = _table(title, ["optimizer", *(f"lr {lr:g}" for lr in lrs), *robust_cols, "step time (ms)"], rows)
+    if rob is None:
+        return table
+    verdict = robustness_verdict(rob, value=lambda v: f"{100 * v:.1f}")
+    return table + f"\nRobustness: {GRID_NOTE}; tolerance {tol.text}.\n\n" + "\n".join(verdict) + "\n"
 
 
 def make_reg_table(results_dir: str | Path = RESULTS, optimizer: str = "scaled_adamw",

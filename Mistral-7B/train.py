@@ -1,12 +1,12 @@
-"""Mistral-7B (or any sequence classifier) + LoRA on a GLUE task with a `core` optimizer inside HF's Trainer.
+"""Mistral-7B (or any sequence classifier) + LoRA on a GLUE task with one of the optimizers inside HF's Trainer.
 
     python Mistral-7B/train.py task=rte optim=scaled_adamw            # the paper recipe (GPU, 4-bit NF4)
     python Mistral-7B/train.py preset=minilm_sst2 optim=adamw         # MiniLM-L6 + SST-2, ~1 min on a CPU
-    python Mistral-7B/train.py task=mrpc optim=scaled_adamw --cfg job # lr 5e-5, reg 100 from the paper table
+    python Mistral-7B/train.py task=mrpc optim=scaled_adamw --cfg job # lr 5e-5, reg 100 (conf/tables/paper.yaml)
     accelerate launch Mistral-7B/train.py task=qnli                   # several GPUs (data parallel)
 
-The optimizer is `core.build_optimizer(model, **cfg.optim)`, handed to an unmodified `Trainer` through
-`optimizers=(optimizer, scheduler)`; the run is recorded by `core.RecorderCallback` into
+The optimizer is `harness.build_optimizer(model, **cfg.optim)`, handed to an unmodified `Trainer` through
+`optimizers=(optimizer, scheduler)`; the run is recorded by `harness.RecorderCallback` into
 <results_dir>/glue/<run_name>.json. `main()` returns the task's Table-2 metric on the (first) dev split.
 """
 from __future__ import annotations
@@ -20,16 +20,16 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent)]  # glue_data / glue_metrics beside this script; core in the repo root
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for core and harness
+import config_groups  # noqa: E402
 import glue_data  # noqa: E402
 from glue_metrics import compute_metrics_fn, primary_metric  # noqa: E402
 
-from core import (REPO_ROOT, NonFiniteGradientError, RecorderCallback, RunRecorder,  # noqa: E402
-                  build_optimizer, seed_everything)
+from core import NonFiniteGradientError  # noqa: E402
+from harness import RecorderCallback, RunRecorder, build_optimizer, seed_everything  # noqa: E402
 
 EXPERIMENT = "glue"
-glue_data.register_resolvers()
+config_groups.register_config_groups()  # task, table and tuned/<table>_<task>_<optim> (conf/tables/*.yaml)
 
 
 def nf4_config():
@@ -110,8 +110,8 @@ def train(cfg: DictConfig) -> float:
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, get_scheduler
 
     task = cfg.task.name
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
     seed_everything(cfg.seed)
     tokenizer, model = load_model(cfg, glue_data.num_labels(task))
     train_set, eval_sets = load_data(cfg, tokenizer)
@@ -137,11 +137,10 @@ def train(cfg: DictConfig) -> float:
     recorder = None
     if trainer.is_world_process_zero():
         hparams = {k: v for k, v in optim.items() if k != "name"}
-        tags = {"preset": cfg.name, "task": task}
         recorder = RunRecorder(
-            cfg.results_dir or REPO_ROOT / "results", experiment=EXPERIMENT, optimizer=optim["name"],
+            cfg.results_dir, experiment=EXPERIMENT, optimizer=optim["name"],
             hparams=hparams, seed=cfg.seed, config=OmegaConf.to_container(cfg, resolve=True),
-            tags=tags, run_name=cfg.run_name or None,
+            tags=OmegaConf.to_container(cfg.tags, resolve=True), run_name=cfg.run_name or None,
             wandb=OmegaConf.to_container(cfg.wandb) if cfg.wandb else None)
         trainer.add_callback(RecorderCallback(recorder))
 

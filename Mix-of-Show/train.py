@@ -19,16 +19,16 @@ import math
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `core` without an install
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder, for edlora.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for core and harness
 
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 import edlora
-from core import build_optimizer, train_loop
-from core import diffusion as D
+from core import build_optimizer
+from harness import diffusion as D
+from harness import train_loop
 
 EXPERIMENT = "mix_of_show"
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `core` without an install
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for core and harness
 
-from core.diffusion import black_share_figure, figure_main, select_records
+from harness.diffusion.figures import black_share_figure, figure_main, select_records  # noqa: E402
 
 EXPERIMENT = "object_generation"
 TABLE = [

@@ -37,7 +37,10 @@ import torch
 from peft.optimizers import create_riemannian_optimizer
 from torch import nn
 
-from core import build_optimizer, hardware_info
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for core and harness
+
+from core import build_optimizer  # noqa: E402
+from harness import hardware_info  # noqa: E402
 
 # name -> (list of (n_in, n_out) per adapted projection, layers, rank)
 CASES = {

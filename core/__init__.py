@@ -9,22 +9,9 @@ from .optimizers import NonFiniteGradientError, ScaledAdamW, ScaledGD
 from .pairing import LoraPair, LoraPairingError, find_lora_pairs
 from .preconditioner import preconditioned_directions
 from .reference import ScaledAdamWReference, ScaledGDReference
-from .results import SCHEMA_VERSION, RunRecord, RunRecorder, default_run_name, hardware_info, load_records
-from .training import (
-    REPO_ROOT,
-    RecorderCallback,
-    TrainingDiverged,
-    default_data_root,
-    require_path,
-    seed_everything,
-    train_loop,
-)
 
 __all__ = [
     "build_optimizer", "OPTIMIZER_NAMES", "HPARAMS",
     "ScaledGD", "ScaledAdamW", "ScaledGDReference", "ScaledAdamWReference", "NonFiniteGradientError",
     "find_lora_pairs", "LoraPair", "LoraPairingError", "preconditioned_directions",
-    "RunRecorder", "RunRecord", "load_records", "hardware_info", "default_run_name", "SCHEMA_VERSION",
-    "REPO_ROOT", "default_data_root", "require_path", "seed_everything", "train_loop", "RecorderCallback",
-    "TrainingDiverged",
 ]  # fmt: skip

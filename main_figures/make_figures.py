@@ -2,30 +2,34 @@
 
     python main_figures/make_figures.py [--results results] [--out main_figures/out] [--only theory,peers]
 
-Reads the run records of ``results/<experiment>/*.json`` (written by ``core.RunRecorder``) and writes PNG figures
+Reads the run records of ``results/<experiment>/*.json`` (written by ``harness.RunRecorder``) and writes PNG figures
 and Markdown tables (``.md``) to ``--out``, plus ``summary.md`` listing what was made, what is missing and the
 command that produces the missing results. The experiment folders own their tables and figures (``GPT-2/figures.py``,
 ``Mistral-7B/make_table.py``, the diffusion folders' ``make_figure``); they are loaded by file path, and a missing
-module or missing results only mark that product as missing. Exit status 1 only when a product failed to build
-from existing results.
+module or missing results only mark that product as missing. A ``.json`` file that is not valid JSON or not a run
+record is named in a WARNING and skipped; everything else is built. Exit status 1 only when a product failed to
+build from existing results.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import contextlib
 import re
 import sys
 import traceback
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `python main_figures/make_figures.py` puts only main_figures/ on the path
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for core and harness
 
-from core import REPO_ROOT  # noqa: E402
+import harness  # noqa: E402
+from harness import REPO_ROOT  # noqa: E402
+from harness.records import InvalidRecordWarning  # noqa: E402
+from main_figures.lr_robustness import robustness_summary  # noqa: E402
+from main_figures.metrics import GRID_NOTE  # noqa: E402
 from main_figures.lr_robustness import is_swept, lr_robustness_figure  # noqa: E402
 from main_figures.metrics import records_of  # noqa: E402
 from main_figures.peers import PEER_PRESETS, has_peer_records, peers_table  # noqa: E402
@@ -37,8 +41,8 @@ PRODUCERS: dict[str, str] = {
     "gpt2_e2e": "bash GPT-2/scripts/cpu_lr_sweep.sh && bash GPT-2/scripts/cpu_peers.sh "
     "(GPU, paper scale: GPT-2/README.md)",
     "gpt2_runtime": "bash GPT-2/scripts/runtime.sh",
-    "glue": "bash Mistral-7B/scripts/sweep_minilm_lr.sh && bash Mistral-7B/scripts/sweep_minilm_lr_sgd.sh "
-    "(GPU, paper Table 2: bash Mistral-7B/scripts/sweep_paper.sh)",
+    "glue": "bash Mistral-7B/scripts/sweep.sh minilm_lr && bash Mistral-7B/scripts/sweep.sh minilm_lr_sgd "
+    "(GPU, paper Table 2: bash Mistral-7B/scripts/sweep.sh paper)",
     "object_generation": "bash Object_Generation/scripts/tiny_grid.sh "
     "(GPU, paper: bash Object_Generation/scripts/fig1_vase.sh)",
     "mix_of_show": "bash Mix-of-Show/scripts/tiny_grid.sh (GPU, paper: bash Mix-of-Show/scripts/fig3_edlora.sh)",
@@ -73,18 +77,10 @@ class MissingSource(LookupError):
 
 
 def load_module(path: Path, name: str):
-    """Import a module by file path (experiment folders have hyphens, so they are not packages)."""
+    """Import a module by file path (:func:`harness.load_module`; experiment folders are not packages)."""
     if not path.is_file():
         raise MissingSource(f"{path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path} not found")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        sys.modules.pop(name, None)
-        raise
-    return module
+    return harness.load_module(path, name)
 
 
 def find_function(folder: str, function: str, files: tuple[str, ...] | None = None) -> Callable:
@@ -185,8 +181,36 @@ def lr_products(results: Path) -> list[Product]:
     return products
 
 
-def build_all(results: Path, out: Path, only: set[str] | None = None, log=print) -> list[Outcome]:
-    """Build every product (or those in ``only``); never raises because one experiment has no results."""
+@contextlib.contextmanager
+def invalid_files_reported(log, skipped: list[str]):
+    """Within the block, each :class:`InvalidRecordWarning` (a results file that is not a run record, skipped by
+    ``load_records(on_invalid="warn")``) is logged once as ``WARNING: skipped <file>: <why>`` and added to
+    ``skipped``; other warnings are shown as usual."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", InvalidRecordWarning)
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if not issubclass(category, InvalidRecordWarning):
+                return shown(message, category, filename, lineno, file, line)
+            if str(message) not in skipped:
+                skipped.append(str(message))
+                log(f"WARNING: {message}")
+
+        warnings.showwarning = show
+        yield skipped
+
+
+def build_all(results: Path, out: Path, only: set[str] | None = None, log=print,
+              skipped: list[str] | None = None) -> list[Outcome]:  # fmt: skip
+    """Build every product (or those in ``only``); never raises because one experiment has no results. Files that
+    are not run records are named in a WARNING, skipped, and appended to ``skipped``."""
+    skipped = [] if skipped is None else skipped
+    with invalid_files_reported(log, skipped):
+        return _build_all(results, out, only, log)
+
+
+def _build_all(results: Path, out: Path, only: set[str] | None, log) -> list[Outcome]:
     products = list(PRODUCTS) + lr_products(results)
     if only:
         known = {p.key for p in products} | {"lr"}
@@ -219,14 +243,35 @@ def build_all(results: Path, out: Path, only: set[str] | None = None, log=print)
     return outcomes
 
 
-def summary_markdown(outcomes: list[Outcome], out: Path) -> str:
-    """What was built and what is missing (with the command that produces it), as Markdown."""
+def robustness_markdown(results: Path) -> str:
+    """The learning-rate robustness of every swept experiment (``metrics.lr_robustness``), as a Markdown section."""
+    present = sorted(p.name for p in results.iterdir() if p.is_dir()) if results.is_dir() else []
+    rows = [row for e in dict.fromkeys(list(SWEPT) + present) for row in robustness_summary(records_of(results, e), e)]
+    if not rows:
+        return ""
+    return "\n".join([
+        "## Learning-rate robustness", "",
+        "Per group of comparable runs: the best final metric, and the optimizer with the widest interval of learning "
+        "rates within the tolerance of its own best, among the optimizers whose best is within that tolerance of the "
+        f"overall best (the others are not ranked). {GRID_NOTE[0].upper()}{GRID_NOTE[1:]}. Width in decades.", "",
+        "| experiment | runs | tolerance | best | most robust (width) | not ranked |", "|---|---|---|---|---|---|",
+        *rows,
+    ]) + "\n"  # fmt: skip
+
+
+def summary_markdown(outcomes: list[Outcome], out: Path, skipped: list[str] | None = None,
+                     robustness: str = "") -> str:  # fmt: skip
+    """What was built and what is missing (with the command that produces it), the files that were skipped, and
+    the learning-rate robustness section, as Markdown."""
     lines = ["# Figures and tables", "", "Regenerate with `python main_figures/make_figures.py`.", "",
              "| item | status | file / what to run |", "|---|---|---|"]  # fmt: skip
     for o in outcomes:
         where = f"[{o.product.output}]({o.product.output})" if o.status == "ok" else o.detail.replace("|", "\\|")
         lines.append(f"| {o.product.title} | {o.status} | {where} |")
-    return "\n".join(lines) + "\n"
+    if skipped:
+        lines += ["", "## Skipped files (not run records)", "", *(f"- {s}" for s in skipped)]
+    text = "\n".join(lines) + "\n"
+    return text + ("\n" + robustness if robustness else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -241,14 +286,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{p.key:22s} {p.title}  ->  {p.output}")
         return 0
     only = {k.strip() for k in args.only.split(",") if k.strip()} or None
-    outcomes = build_all(args.results, args.out, only)
+    skipped: list[str] = []
+    outcomes = build_all(args.results, args.out, only, skipped=skipped)
     if not only:
-        (args.out / "summary.md").write_text(summary_markdown(outcomes, args.out))
+        with invalid_files_reported(print, skipped):
+            robustness = robustness_markdown(args.results)
+        (args.out / "summary.md").write_text(summary_markdown(outcomes, args.out, skipped, robustness))
     counts = {s: sum(o.status == s for o in outcomes) for s in ("ok", "missing", "failed")}
     print(f"\n{counts['ok']} built, {counts['missing']} missing, {counts['failed']} failed -> {args.out}")
     for o in outcomes:
         if o.status != "ok":
             print(f"  {o.status}: {o.product.title}: {o.detail}")
+    for message in skipped:
+        print(f"  WARNING: {message}")
     return 1 if counts["failed"] else 0
 
 

@@ -1,6 +1,6 @@
 """The CPU reproduction in one command: the theory experiment, the small real runs, then every figure and table.
 
-    python main_figures/reproduce_cpu.py                      # the default steps, in order (~45 min, 2 cores)
+    python main_figures/reproduce_cpu.py                      # the default steps, in order (about 45 min)
     python main_figures/reproduce_cpu.py --all                # also the peers, loss curves, runtime, SGD sweep
     python main_figures/reproduce_cpu.py --only theory,figures
     python main_figures/reproduce_cpu.py --dry-run            # print the commands only
@@ -41,7 +41,7 @@ def _bash(*scripts: str, extra: tuple[str, ...] = ()) -> tuple[list[list[str]], 
 def default_steps(python: str = sys.executable) -> list[Step]:
     """The reproduction: theory, the small real runs of GPT-2/ (SmolLM2 on E2E) and Mistral-7B/ (MiniLM on SST-2)
     through their committed sweep scripts, then every figure and table. The default steps take about 45 minutes
-    on two cores; the peers, the loss curves, the runtime case and the SGD sweep add about an hour more."""
+    on a small CPU; the peers, the loss curves, the runtime case and the SGD sweep add about an hour more."""
     return [
         Step("theory", "theory experiment: GD vs scaled GD (and AdamW vs scaled AdamW) across condition numbers",
              [[python, "main_figures/theory.py"]], ["main_figures/theory.py"]),
@@ -50,10 +50,10 @@ def default_steps(python: str = sys.executable) -> list[Step]:
         Step("gpt2_lr", "SmolLM2-135M on E2E: LR sweep of AdamW vs scaled AdamW (1e-5 to 1e-2)",
              *_bash("GPT-2/scripts/cpu_lr_sweep.sh")),
         Step("glue", "MiniLM-L6 on SST-2: LR sweep of AdamW vs scaled AdamW (1e-5 to 1e-2), SGD and scaled GD tuned",
-             [["bash", "Mistral-7B/scripts/sweep_minilm_lr.sh", "optim=adamw,scaled_adamw"],
-              ["bash", "Mistral-7B/scripts/minilm_sst2_sgd.sh"], ["bash", "Mistral-7B/scripts/minilm_sst2_scaled_gd.sh"]],
-             ["Mistral-7B/scripts/sweep_minilm_lr.sh", "Mistral-7B/scripts/minilm_sst2_sgd.sh",
-              "Mistral-7B/scripts/minilm_sst2_scaled_gd.sh"]),
+             [["bash", "Mistral-7B/scripts/sweep.sh", "minilm_lr", "optim=adamw,scaled_adamw"],
+              ["bash", "Mistral-7B/scripts/minilm_sst2.sh", "sgd"],
+              ["bash", "Mistral-7B/scripts/minilm_sst2.sh", "scaled_gd"]],
+             ["Mistral-7B/scripts/sweep.sh", "Mistral-7B/scripts/minilm_sst2.sh"]),
         Step("figures", "every figure and table from results/ into main_figures/out/",
              [[python, "main_figures/make_figures.py"]], ["main_figures/make_figures.py"]),
         Step("gpt2_peers", "SmolLM2-135M on E2E: LR sweep of the peers (PEFT Riemannian, LoRA+, LoRA-RITE)",
@@ -63,10 +63,10 @@ def default_steps(python: str = sys.executable) -> list[Step]:
         Step("gpt2_runtime", "runtime per step at LoRA rank 4 and 256 (GPT-2 medium shape, random weights)",
              *_bash("GPT-2/scripts/runtime.sh"), default=False),
         Step("glue_peers", "MiniLM-L6 on SST-2: LR sweep of the peers",
-             *_bash("Mistral-7B/scripts/sweep_minilm_lr.sh", extra=("optim=peft_riemannian,loraplus,lora_rite",)),
+             *_bash("Mistral-7B/scripts/sweep.sh", extra=("minilm_lr", "optim=peft_riemannian,loraplus,lora_rite")),
              default=False),
         Step("glue_sgd", "MiniLM-L6 on SST-2: LR sweep of SGD vs scaled GD",
-             *_bash("Mistral-7B/scripts/sweep_minilm_lr_sgd.sh"), default=False),
+             *_bash("Mistral-7B/scripts/sweep.sh", extra=("minilm_lr_sgd",)), default=False),
     ]  # fmt: skip
 
 

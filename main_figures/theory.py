@@ -37,9 +37,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `python main_figures/theory.py` puts only main_figures/ on the path
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for core and harness
 
 import hydra  # noqa: E402
 import torch  # noqa: E402
@@ -47,7 +45,8 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from core import REPO_ROOT, RunRecorder, build_optimizer  # noqa: E402
+from core import build_optimizer  # noqa: E402
+from harness import RunRecorder  # noqa: E402
 
 EXPERIMENT = "theory"
 CONF_DIR = Path(__file__).resolve().parent / "conf"
@@ -273,7 +272,7 @@ def load_optim(name: str) -> dict:
 
 
 def results_root(cfg: DictConfig) -> Path:
-    return Path(cfg.results_dir) if cfg.results_dir else REPO_ROOT / "results"
+    return Path(cfg.results_dir)
 
 
 def run_and_record(cfg: DictConfig, problem: Problem, optim: dict) -> tuple[RunResult, Path]:
@@ -337,7 +336,8 @@ def run_grid(cfg: DictConfig) -> dict[tuple[str, float, str, float], RunResult]:
 
 def run(cfg: DictConfig) -> float | dict:
     """``mode=grid``: the whole grid (returns the results by job); ``mode=single``: one run (its relative loss)."""
-    torch.set_num_threads(int(cfg.threads))
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
     if cfg.mode == "single":
         return run_single(cfg)
     if cfg.mode == "grid":

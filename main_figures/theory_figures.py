@@ -2,7 +2,9 @@
 
 Selection rule (the same for every optimizer, never tuned per case): for each (conditioning, optimizer, kappa) the
 reported run is the best step size of the grid -- the fewest iterations to the tolerance; when no step size reaches
-it, the lowest final relative loss, shown as ">= max_iters" (censored).
+it, the lowest final relative loss, shown as ">= max_iters" (censored). Diverged and failed runs
+(``metrics.run_outcome``) are never the best unless every step size diverged or failed; running and interrupted runs
+are left out.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Iterable
 
 from main_figures.style import apply_style, optimizer_label, optimizer_sort_key, optimizer_style, savefig
+from main_figures.metrics import counts_as_result, run_outcome
 
 __all__ = ["Best", "select_best", "theory_table", "theory_figure", "CONDITIONING_TITLES"]
 
@@ -34,7 +37,7 @@ class Best:
     iterations: int  # to the tolerance, or the iterations run when it was not reached
     reached_tol: bool
     relative_loss: float  # final (nan when diverged)
-    record: object  # the core.RunRecord
+    record: object  # the harness.RunRecord
 
 
 def _label(optimizer: str) -> str:
@@ -49,9 +52,9 @@ def _float(value) -> float:
 def _rank(record) -> tuple:
     m = record.final_metrics
     final = _float(m.get("relative_loss"))
-    if m.get("reached_tol"):
+    if m.get("reached_tol") and run_outcome(record) == "done":
         return (0, int(m["iters_to_tol"]), final)
-    if m.get("diverged") or not math.isfinite(final):
+    if run_outcome(record) != "done" or not math.isfinite(final):  # diverged or failed: never a value
         return (2, 0, 0.0)
     return (1, final, 0.0)
 
@@ -60,6 +63,8 @@ def select_best(records: Iterable) -> dict[tuple[str, str, float], Best]:
     """Best step size per (conditioning, optimizer, kappa) by the rule of the module docstring."""
     groups = defaultdict(list)
     for rec in records:
+        if not counts_as_result(rec):  # running / interrupted: not a result yet
+            continue
         if "kappa" not in rec.tags:
             raise ValueError(f"theory record '{rec.run_name}' has no 'kappa' tag (tags: {rec.tags})")
         groups[(rec.tags.get("conditioning", "target"), rec.optimizer, float(rec.tags["kappa"]))].append(rec)
@@ -69,7 +74,8 @@ def select_best(records: Iterable) -> dict[tuple[str, str, float], Best]:
         m = rec.final_metrics
         out[key] = Best(
             *key, lr=float(rec.hparams["lr"]), iterations=int(m.get("iterations", 0)),
-            reached_tol=bool(m.get("reached_tol")), relative_loss=_float(m.get("relative_loss")), record=rec,
+            reached_tol=bool(m.get("reached_tol")) and run_outcome(rec) == "done",
+            relative_loss=_float(m.get("relative_loss")) if run_outcome(rec) == "done" else float("nan"), record=rec,
         )  # fmt: skip
     return out
 

@@ -13,7 +13,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from core import default_data_root  # noqa: E402
+from harness import default_data_root  # noqa: E402
 
 # The test models are tiny: one intra-op thread avoids OpenMP overhead (and thrashing on a busy machine).
 torch.set_num_threads(1)

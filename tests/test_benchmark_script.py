@@ -1,17 +1,12 @@
 """The speed benchmark's plumbing (not its timings: speed is measured by running it, never asserted in tests)."""
 
-import importlib.util
-
 import pytest
 
-from core import REPO_ROOT
+from harness import load_module
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("optimizer_step", REPO_ROOT / "benchmarks" / "optimizer_step.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module("benchmarks/optimizer_step.py")
 
 
 def test_benchmark_runs_every_candidate_and_writes_warm_cold_and_floor_tables(monkeypatch, tmp_path):

@@ -109,9 +109,8 @@ def test_accelerate_prepare_and_step():
 
 DDP_SCRIPT = textwrap.dedent(
     """
-    import os, sys
+    import os
     import torch, torch.distributed as dist
-    sys.path.insert(0, {tests!r})
     from _tiny import MixedModel
     from core import build_optimizer
     torch.set_num_threads(1)
@@ -137,8 +136,9 @@ DDP_SCRIPT = textwrap.dedent(
 def test_two_process_ddp_equals_single_process(tmp_path):
     script = tmp_path / "ddp.py"
     out = tmp_path / "ddp.pt"
-    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out)))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    script.write_text(DDP_SCRIPT.format(out=str(out)))
+    tests = Path(__file__).resolve().parent
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests)]))
     with socket.socket() as free:  # a port nothing else holds (a fixed one can linger from an earlier run)
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]

@@ -141,8 +141,9 @@ def reference_twin(name, twin, **hp):
         ("sgd", dict(lr=5e-2, momentum=0.9)),
     ],
 )
-def test_build_optimizer_matches_the_reference_for_many_steps_on_a_peft_model(name, hparams):
-    model = tiny_peft_llama()
+@pytest.mark.parametrize("targets", [("q_proj", "v_proj"), ("embed_tokens", "q_proj")], ids=["linear", "embedding"])
+def test_build_optimizer_matches_the_reference_for_many_steps_on_a_peft_model(name, hparams, targets):
+    model = tiny_peft_llama(targets=targets)
     twin = copy.deepcopy(model)
     initial = [p.detach().clone() for p in model.parameters() if p.requires_grad]
     fast = build_optimizer(model, name, **hparams)

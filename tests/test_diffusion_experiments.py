@@ -3,34 +3,27 @@ each optimizer, EDLoRA's layer-wise conditioning, clear errors. CPU, tiny models
 
 from __future__ import annotations
 
-import importlib.util
-import sys
+from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from core import REPO_ROOT, load_records
-from core import diffusion as D
+from harness import REPO_ROOT, load_module, load_records
+from harness import diffusion as D
 
 FOLDERS = {"object_generation": REPO_ROOT / "Object_Generation", "mix_of_show": REPO_ROOT / "Mix-of-Show"}
 OPTIMIZERS = ["sgd", "scaled_gd", "adamw", "scaled_adamw"]
 
 
-def _load(folder, name):
-    spec = importlib.util.spec_from_file_location(f"_{folder.name.replace('-', '_')}_{name}", folder / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _load(experiment, name):
+    """``train`` or ``make_figure`` of an experiment folder (each has its own), under a name of their own."""
+    return load_module(FOLDERS[experiment] / f"{name}.py", f"{experiment}_{name}")
 
 
 @pytest.fixture(scope="module")
 def edlora():
-    sys.path.insert(0, str(FOLDERS["mix_of_show"]))
-    try:
-        return _load(FOLDERS["mix_of_show"], "edlora")
-    finally:
-        sys.path.remove(str(FOLDERS["mix_of_show"]))
+    return load_module(FOLDERS["mix_of_show"] / "edlora.py")
 
 
 def _compose(experiment, overrides=(), hydra_config=False):
@@ -43,7 +36,7 @@ def _compose(experiment, overrides=(), hydra_config=False):
 def test_configs_compose_with_every_option(experiment):
     conf = FOLDERS[experiment] / "conf"
     base = _compose(experiment)
-    assert base.preset_name == "full" and base.model.pretrained in ("stable-diffusion-v1-5/stable-diffusion-v1-5",
+    assert base.tags.preset == "full" and base.model.pretrained in ("stable-diffusion-v1-5/stable-diffusion-v1-5",
                                                                     "windwhinny/chilloutmix")
     for group in ("optim", "paper_lr", "concept", "preset"):
         for option in sorted((conf / group).glob("*.yaml")):
@@ -52,8 +45,16 @@ def test_configs_compose_with_every_option(experiment):
                 assert cfg.optim.name == option.stem
     tiny = _compose(experiment, ["preset=tiny"])
     assert tiny.model.pretrained is None and tiny.model.tiny.resolution == tiny.data.resolution == 32
+    assert (tiny.tags.preset, tiny.threads, base.threads, base.wandb) == ("tiny", 1, None, None)
     with pytest.raises(Exception, match="nosuch"):
         _compose(experiment, ["optim=nosuch"])
+
+
+@pytest.mark.parametrize("experiment", list(FOLDERS))
+def test_paths_default_to_the_repository_and_the_shared_data(experiment, data_root):
+    base = _compose(experiment)
+    assert Path(base.results_dir) == REPO_ROOT / "results" and Path(base.data.root) == data_root
+    assert Path(base.model.gpt2_dir) == data_root / "gpt2-tokenizer"
 
 
 def test_paper_settings_are_versioned_in_the_configs():
@@ -72,13 +73,6 @@ def test_paper_settings_are_versioned_in_the_configs():
     assert len(sweep.paper_lr.split(",")) == 3
 
 
-@pytest.mark.parametrize("experiment", list(FOLDERS))
-def test_scripts_call_the_hydra_entry_point(experiment):
-    for script in (FOLDERS[experiment] / "scripts").glob("*.sh"):
-        commands = [l for l in script.read_text().splitlines() if l.strip() and not l.startswith("#")]
-        assert len(commands) == 1 and "/../train.py\" -m sweep=" in commands[0], script
-
-
 # ------------------------------------------------------------------------------------------------ end to end
 def _tiny_overrides(tmp_path, optimizer, *extra):
     return ["preset=tiny", f"optim={optimizer}", f"results_dir={tmp_path}", "train.steps=3", "sample.steps=2",
@@ -87,7 +81,7 @@ def _tiny_overrides(tmp_path, optimizer, *extra):
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_object_generation_runs_end_to_end(tmp_path, data_root, optimizer):
-    train = _load(FOLDERS["object_generation"], "train")
+    train = _load("object_generation", "train")
     cfg = _compose("object_generation", _tiny_overrides(tmp_path, optimizer, "paper_lr=lr1e-3",
                                                         "lora.unet_targets=[to_q,to_k,to_v,to_out.0,proj_in]"))
     black_share = train.main(cfg)
@@ -103,7 +97,7 @@ def test_object_generation_runs_end_to_end(tmp_path, data_root, optimizer):
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_mix_of_show_runs_end_to_end(tmp_path, data_root, optimizer):
-    train = _load(FOLDERS["mix_of_show"], "train")
+    train = _load("mix_of_show", "train")
     cfg = _compose("mix_of_show", _tiny_overrides(tmp_path, optimizer, "paper_lr=t5e-4_u5e-4",
                                                   "lora.unet_targets=[to_q,to_k,to_v,to_out.0,proj_out]"))
     black_share = train.main(cfg)
@@ -117,8 +111,8 @@ def test_mix_of_show_runs_end_to_end(tmp_path, data_root, optimizer):
 
 def test_figures_from_the_tiny_runs(tmp_path, data_root):
     for experiment, concept in (("object_generation", "vase"), ("mix_of_show", "dog")):
-        train = _load(FOLDERS[experiment], "train")
-        figure = _load(FOLDERS[experiment], "make_figure")
+        train = _load(experiment, "train")
+        figure = _load(experiment, "make_figure")
         for optimizer in ("adamw", "scaled_adamw"):
             train.main(_compose(experiment, _tiny_overrides(tmp_path, optimizer, "train.steps=1", "sample.seeds=[0]")))
         out = figure.make_figure(tmp_path, tmp_path / f"{experiment}.png")
@@ -129,7 +123,7 @@ def test_figures_from_the_tiny_runs(tmp_path, data_root):
 
 @pytest.mark.parametrize("experiment", list(FOLDERS))
 def test_empty_concept_folder_is_a_clear_error(tmp_path, data_root, experiment):
-    train = _load(FOLDERS[experiment], "train")
+    train = _load(experiment, "train")
     empty = tmp_path / "empty_concept"
     empty.mkdir()
     with pytest.raises(ValueError, match="holds no images") as err:
@@ -189,9 +183,9 @@ def test_full_scale_loading_path_with_a_local_diffusers_folder(tmp_path, data_ro
     loaded = D.load_components(str(folder))
     assert loaded.tokenizer("a photo of a vase").input_ids == sd.tokenizer("a photo of a vase").input_ids
     torch.testing.assert_close(loaded.unet.conv_in.weight, sd.unet.conv_in.weight)
-    train = _load(FOLDERS["object_generation"], "train")
+    train = _load("object_generation", "train")
     cfg = _compose("object_generation", _tiny_overrides(tmp_path, "scaled_adamw", f"model.pretrained={folder}",
-                                                        "model.tiny=null", "preset_name=local"))
+                                                        "model.tiny=null", "tags.preset=local"))
     train.main(cfg)
     [record] = load_records(tmp_path, "object_generation")
     assert record.tags["preset"] == "local" and record.config["model"]["pretrained"] == str(folder)

@@ -1,5 +1,5 @@
 """make_figures.py and the figure/table code of main_figures/ on small fixture results (fake but schema-valid
-records written with core.RunRecorder into tmp_path)."""
+records written with harness.RunRecorder into tmp_path)."""
 
 import math
 import shutil
@@ -9,42 +9,52 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from core import RunRecorder, load_records  # noqa: E402
-from main_figures import make_figures  # noqa: E402
-from main_figures.lr_robustness import is_swept, lr_robustness_figure, lr_sweeps  # noqa: E402
-from main_figures.peers import peer_rows, peers_table  # noqa: E402
-from main_figures.theory_figures import select_best, theory_figure, theory_table  # noqa: E402
+from harness import REPO_ROOT as ROOT
+from harness import RunRecorder, load_records
+from main_figures import make_figures
+from main_figures.lr_robustness import is_swept, lr_robustness_figure, lr_sweeps
+from main_figures.peers import peer_rows, peers_table
+from main_figures.theory_figures import select_best, theory_figure, theory_table
 
 PNG = b"\x89PNG\r\n\x1a\n"
 LRS = (1e-4, 1e-3, 1e-2)
-# final metric per optimizer and lr (None: diverged); loraplus wins on E2E, scaled AdamW is the most robust
+# final BLEU per optimizer and lr (None: diverged, flagged `diverged`; "gpt2": diverged GPT-2-style, stopped with
+# `diverged_at_step` and scored afterwards; "failed": `status: failed`). LoRA+ has the best BLEU; scaled AdamW (two
+# seeds) stays within 0.02 BLEU of its best over the whole grid; LoRA-RITE is uniformly poor (the smallest spread,
+# but far below the best: never the most robust).
 BLEU = {
-    "scaled_adamw": (60.0, 62.0, 61.0),
-    "adamw": (50.0, 61.0, None),
-    "peft_riemannian": (58.0, 61.5, 40.0),
-    "loraplus": (55.0, 63.0, 30.0),
-    "lora_rite": (57.0, 60.0, 59.0),
+    "scaled_adamw": (0.61, 0.62, 0.615),
+    "adamw": (0.50, 0.615, "gpt2"),
+    "peft_riemannian": (0.58, 0.615, "failed"),
+    "loraplus": (0.55, 0.63, None),
+    "lora_rite": (0.40, 0.41, 0.405),
 }
 
 
-def _record(root, experiment, optimizer, lr, metrics, tags, seed=0, step_time=0.05):
+def _record(root, experiment, optimizer, lr, metrics, tags, seed=0, step_time=0.05, status=None):
     rec = RunRecorder(root, experiment, optimizer, {"lr": lr}, seed=seed, tags=tags)
     for step in range(3):
         rec.log_step(step, loss=1.0 / (step + 1), lr=lr, time_s=step_time)
-    rec.finish(metrics)
+    rec.record.status = status
+    return rec.finish(metrics)
 
 
 def write_fixture_results(root: Path) -> Path:
     for opt, values in BLEU.items():
         for lr, bleu in zip(LRS, values):
-            metrics = {"BLEU": bleu} if bleu is not None else {"BLEU": float("nan"), "diverged": True}
+            status = "failed" if bleu == "failed" else None
+            if bleu is None:
+                metrics = {"BLEU": float("nan"), "diverged": True}
+            elif bleu == "gpt2":  # finite BLEU (the best checkpoint before the divergence), better than any other
+                metrics = {"BLEU": 0.7, "diverged_at_step": 7}
+            elif bleu == "failed":
+                metrics = {}
+            else:
+                metrics = {"BLEU": bleu}
             step_time = 0.1 if opt == "lora_rite" else 0.05
-            _record(root, "gpt2_e2e", opt, lr, metrics, {"preset": "smollm2_cpu"}, step_time=step_time)
+            _record(root, "gpt2_e2e", opt, lr, metrics, {"preset": "smollm2_cpu"}, step_time=step_time, status=status)
             if opt == "scaled_adamw":  # a second seed
-                _record(root, "gpt2_e2e", opt, lr, {"BLEU": bleu + 1.0}, {"preset": "smollm2_cpu"}, seed=1)
+                _record(root, "gpt2_e2e", opt, lr, {"BLEU": bleu + 0.01}, {"preset": "smollm2_cpu"}, seed=1)
     for opt in ("scaled_adamw", "adamw"):
         for lr, acc in zip(LRS, (0.80, 0.90, 0.85) if opt == "scaled_adamw" else (0.70, 0.88, 0.50)):
             _record(root, "glue", opt, lr, {"accuracy": acc}, {"preset": "minilm_sst2", "task": "sst2"})
@@ -89,15 +99,22 @@ def test_peers_table_numbers_and_verdict(results):
     assert (metric, higher) == ("BLEU", True)
     row = {r.optimizer: r for r in rows}
     assert [r.optimizer for r in rows] == ["adamw", "scaled_adamw", "peft_riemannian", "loraplus", "lora_rite"]
-    assert row["scaled_adamw"].best == pytest.approx(62.5) and row["scaled_adamw"].seeds == 2  # mean of 2 seeds
-    assert row["loraplus"].best == 63.0 and row["loraplus"].best_lr == 1e-3
-    assert row["loraplus"].spread == pytest.approx(33.0)
-    assert row["adamw"].diverged_lrs == 1 and row["adamw"].spread == pytest.approx(11.0)
+    assert row["scaled_adamw"].best == pytest.approx(0.625) and row["scaled_adamw"].seeds == 2  # mean of 2 seeds
+    assert row["scaled_adamw"].robustness.width == pytest.approx(2.0) and row["scaled_adamw"].robustness.at_edge
+    assert row["loraplus"].best == 0.63 and row["loraplus"].best_lr == 1e-3
+    assert row["loraplus"].robustness.width == 0.0 and row["loraplus"].diverged_lrs == 1
+    # the diverged GPT-2-style run (BLEU 0.7 scored after stopping) is not a value: best stays 0.615 at 1e-3
+    assert row["adamw"].best == 0.615 and row["adamw"].best_lr == 1e-3 and row["adamw"].diverged_lrs == 1
+    assert row["peft_riemannian"].diverged_lrs == 1 and row["peft_riemannian"].best == 0.615  # the failed run
     assert math.isclose(row["lora_rite"].step_time_s, 0.1)
     text = peers_table(results)
-    assert "Best final BLEU: **LoRA+** (63.00 at lr 0.001)" in text
-    assert "LoRA+ beats scaled AdamW (62.50) by 0.50 BLEU" in text
-    assert "Most robust to the learning rate (fewest diverged rates, then smallest spread): scaled AdamW" in text
+    assert "Best final BLEU: **LoRA+** (0.630 at lr 0.001)" in text
+    assert "LoRA+ beats scaled AdamW (0.625) by 0.005 BLEU" in text
+    assert "| AdamW | 0.001 | 0.615 | 0.001 | 0.00 | 0.0001 … 0.01 (3) | 1 |" in text
+    assert "| scaled AdamW | 0.001 | 0.625 | 0.0001 … 0.01 | ≥ 2.00 | 0.0001 … 0.01 (3) | 0 |" in text
+    assert "| PEFT Riemannian | 0.001 | 0.615 | 0.001 | 0.00 | 0.0001 … 0.01 (3) | 1 |" in text
+    assert "within 0.02 BLEU of the overall best 0.63): **scaled AdamW** (≥ 2.00 decades, lr 0.0001 … 0.01" in text
+    assert "their best is not within 0.02 BLEU of the overall best: LoRA-RITE (0.41)." in text
     assert "MiniLM-L6 + LoRA on SST-2" in text and "Best final accuracy: **scaled AdamW** (0.900 at lr 0.001)" in text
 
 
@@ -107,7 +124,7 @@ def test_peers_use_the_lr_sweep_and_ignore_unscored_runs(tmp_path):
     _record(tmp_path, "gpt2_e2e", "adamw", 2e-4, {"BLEU": 70.0}, {"preset": "smollm2_cpu", "sweep": "table1"})
     _record(tmp_path, "gpt2_e2e", "sgd", 1e-2, {"val_loss": 2.0}, {"preset": "smollm2_cpu", "sweep": "loss_curves"})
     text = peers_table(tmp_path)
-    assert "| AdamW | 0.001 | 60.00 | 10.00 | 0.0001 … 0.01 (3) |" in text and "SGD" not in text
+    assert "| AdamW | 0.001 | 60.00 | 0.001 | 0.00 | 0.0001 … 0.01 (3) |" in text and "SGD" not in text
     records = load_records(tmp_path, "gpt2_e2e")
     metric, _, sweeps = lr_sweeps(records, "gpt2_e2e")
     assert metric == "BLEU" and len(sweeps) == 2  # the loss-curve run has no BLEU: not plotted
@@ -121,8 +138,11 @@ def test_lr_robustness_groups_by_tags_and_marks_divergence(results, tmp_path):
     assert len(sweeps) == 4  # (conditioning, kappa) panels
     e2e = load_records(results, "gpt2_e2e")
     _, _, sweeps = lr_sweeps(e2e, "gpt2_e2e")
-    (adamw,) = [pts for facet in sweeps.values() for opt, pts in facet.items() if opt == "adamw"]
-    assert [p.lr for p in adamw] == list(LRS) and math.isnan(adamw[-1].mean) and adamw[-1].diverged == 1
+    by_opt = {opt: pts for facet in sweeps.values() for opt, pts in facet.items()}
+    adamw, peft, loraplus = by_opt["adamw"], by_opt["peft_riemannian"], by_opt["loraplus"]
+    assert [p.lr for p in adamw] == list(LRS) and math.isnan(adamw[-1].mean) and adamw[-1].diverged == 1  # GPT-2 style
+    assert [p.lr for p in peft] == list(LRS) and math.isnan(peft[-1].mean) and peft[-1].failed == 1  # status: failed
+    assert math.isnan(loraplus[-1].mean) and loraplus[-1].diverged == 1  # flagged `diverged`
     assert is_swept(e2e, "gpt2_e2e") and not is_swept(e2e[:1], "gpt2_e2e")
     assert lr_robustness_figure(e2e, "gpt2_e2e", tmp_path / "lr.png").read_bytes()[:8] == PNG
     with pytest.raises(ValueError, match="PNG"):
@@ -143,7 +163,7 @@ def test_missing_results_are_listed_with_the_command_that_makes_them(tmp_path, c
     assert make_figures.main(["--results", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")]) == 0
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "failed" not in summary
-    for cmd in ("python main_figures/theory.py", "Mistral-7B/scripts/sweep_minilm_lr.sh"):
+    for cmd in ("python main_figures/theory.py", "bash Mistral-7B/scripts/sweep.sh minilm_lr"):
         assert cmd in summary
     assert summary.count("| missing |") == len(make_figures.PRODUCTS) + len(make_figures.SWEPT)
     assert "0 built" in capsys.readouterr().out
@@ -166,8 +186,8 @@ def test_experiment_folders_modules_are_found_and_failures_isolated(results, tmp
         RunRecorder(results, experiment, "scaled_adamw", {"lr": 1e-4}, seed=0).finish({"score": 1.0})
     code = make_figures.main(["--results", str(results), "--out", str(tmp_path / "out")])
     assert code == 1  # Mix-of-Show's figure failed
-    status = {o.split(" | ")[0].strip("| "): o.split(" | ")[1] for o in
-              (tmp_path / "out" / "summary.md").read_text().splitlines()[6:]}  # fmt: skip
+    table = (tmp_path / "out" / "summary.md").read_text().split("\n\n")[2]  # title, command, the status table
+    status = {o.split(" | ")[0].strip("| "): o.split(" | ")[1] for o in table.splitlines()[2:]}
     assert status["Diffusion grid: object generation"] == "ok"
     assert status["Diffusion grid: Mix-of-Show"] == "failed"
     assert status["Table 2: GLUE (Mistral-7B / MiniLM)"] == "ok"

@@ -1,14 +1,11 @@
 """main_figures/reproduce_cpu.py: step selection, dry run, progress, and a clear stop at the first failure."""
 
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from main_figures.reproduce_cpu import Step, StepFailed, default_steps, main, run_steps, select_steps  # noqa: E402
+from harness import REPO_ROOT as ROOT
+from main_figures.reproduce_cpu import Step, StepFailed, default_steps, main, run_steps, select_steps
 
 
 def _steps(tmp_path):

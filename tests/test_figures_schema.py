@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from core import RunRecorder, load_records
+from harness import RunRecorder, load_records
 
 
 def test_recorder_to_load_records_round_trip(tmp_path):

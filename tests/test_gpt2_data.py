@@ -1,15 +1,13 @@
 """GPT-2/E2E data: file formats, multi-reference grouping by MR, splits, tokenisation, batching."""
 
-import importlib
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "GPT-2"))
-e2e_data = importlib.import_module("e2e_data")
+from harness import load_module
+
+e2e_data = load_module("GPT-2/e2e_data.py")
 
 PAIRS = [("name[A], food[Thai]", "A serves Thai food."), ("name[B]", "B is here."),
          ("name[A], food[Thai]", "Thai food at A."), ("name[A], food[Thai]", "A: Thai."), ("name[C]", "C.")]
@@ -57,7 +55,7 @@ def test_bad_files_give_clear_errors(tmp_path):
 
 
 def test_real_test_set_grouping_matches_the_scorer(data_root):
-    e2e_metrics = importlib.import_module("e2e_metrics")
+    e2e_metrics = load_module("GPT-2/e2e_metrics.py")
     path = data_root / "e2e" / "testset_w_refs.csv"
     mrs, refs = e2e_data.group_by_mr(e2e_data.read_pairs(path))
     assert (len(mrs), sum(map(len, refs))) == (630, 4693)

@@ -1,17 +1,13 @@
 """GPT-2/figures.py (Table 1, LR sweep table, loss curves, runtime figure) and GPT-2/runtime.py, on tiny inputs."""
 
-import importlib
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "GPT-2"))
-figures = importlib.import_module("figures")
-runtime = importlib.import_module("runtime")
+from harness import RunRecorder, load_module, load_records
 
-from core import RunRecorder, load_records  # noqa: E402
+figures = load_module("GPT-2/figures.py")
+runtime = load_module("GPT-2/runtime.py")
 
 PAPER_LR = {"sgd": 9e-2, "scaled_gd": 2e-2, "adamw": 2e-4, "scaled_adamw": 8e-4}
 

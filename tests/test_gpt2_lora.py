@@ -1,19 +1,16 @@
 """GPT-2 LoRA placement: merged q/v LoRA on the fused c_attn (loralib MergedLinear semantics) and PEFT placement."""
 
-import importlib
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "GPT-2"))
-lora_layers = importlib.import_module("lora_layers")
-models = importlib.import_module("models")
+import core
+from harness import load_module
 
-import core  # noqa: E402
+lora_layers = load_module("GPT-2/lora_layers.py")
+models = load_module("GPT-2/models.py")
 
 TINY = {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64, "vocab_size": 50257}
 LORA = {"placement": "merged_qv", "target_modules": ["c_attn"], "enable_lora": [True, False, True], "r": 4,

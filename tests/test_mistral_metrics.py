@@ -1,13 +1,14 @@
 """Mistral-7B/glue_metrics.py against values computed by hand."""
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Mistral-7B"))
-from glue_metrics import compute_metrics_fn, glue_metrics, logits_to_predictions, primary_metric  # noqa: E402
+from harness import load_module
+
+glue = load_module("Mistral-7B/glue_metrics.py")
+compute_metrics_fn, glue_metrics, logits_to_predictions, primary_metric = (
+    glue.compute_metrics_fn, glue.glue_metrics, glue.logits_to_predictions, glue.primary_metric)
 
 
 def test_cola_matthews():

@@ -4,28 +4,19 @@ import importlib.util
 import json
 import math
 import re
-from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from harness import REPO_ROOT as ROOT
+from harness import load_module
 from test_mistral_data import write_glue  # the GLUE-format fixture (tests/test_mistral_data.py)
 
-ROOT = Path(__file__).resolve().parents[1]
 OPTIMS = ("sgd", "scaled_gd", "adamw", "scaled_adamw", "peft_riemannian", "loraplus", "lora_rite")
 WORDS = "the a cat dog mat sat on is not good bad . ? any broken row".split()
-
-
-def _load(name, file):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "Mistral-7B" / file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_mod = _load("mistral_train", "train.py")
-make_table_mod = _load("mistral_make_table", "make_table.py")
+train_mod = load_module("Mistral-7B/train.py", "mistral_train")
+make_table_mod = load_module("Mistral-7B/make_table.py")
 
 
 @pytest.fixture(scope="module")

@@ -1,16 +1,11 @@
 """The paper's theory claim, measured: scaled GD needs about the same number of iterations whatever the condition
 number of the target update, while GD's iteration count grows by a large factor."""
 
-import sys
-from pathlib import Path
-
 from hydra import compose, initialize_config_dir
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from core import load_records  # noqa: E402
-from main_figures.theory import CONF_DIR, run_grid  # noqa: E402
-from main_figures.theory_figures import select_best, theory_table  # noqa: E402
+from harness import load_records
+from main_figures.theory import CONF_DIR, run_grid
+from main_figures.theory_figures import select_best, theory_table
 
 KAPPAS = (1, 10000)
 CAP = 3000

@@ -3,16 +3,13 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from core import load_records  # noqa: E402
-from main_figures.theory import CONF_DIR, run  # noqa: E402
+from harness import REPO_ROOT as ROOT
+from harness import load_records
+from main_figures.theory import CONF_DIR, run
 
 
 def test_multirun_of_two_jobs_writes_two_records(tmp_path):

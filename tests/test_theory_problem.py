@@ -1,16 +1,12 @@
 """The theory experiment's problem: convex ReLU operator, conditioning, spectral initialization, LoRA pairing."""
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from core import build_optimizer, find_lora_pairs  # noqa: E402
-from main_figures.theory import (  # noqa: E402
+from core import build_optimizer, find_lora_pairs
+from main_figures.theory import (
     ConvexReLULoRA, convex_relu, convex_relu_adjoint, geometric_spectrum, load_optim, make_problem, run_one,
     spectral_init,
 )  # fmt: skip

@@ -1,4 +1,0 @@
-#!/usr/bin/env bash
-# Paper Table 2 run: Mistral-7B (4-bit NF4) on rte with sgd; lr/reg from conf/tuned/paper_rte_sgd.yaml.
-# Extra Hydra overrides pass through (e.g. data.root=/path/to/glue_data); multi-GPU: accelerate launch instead of python.
-python "$(dirname "$0")/../train.py" task=rte optim=sgd "$@"

@@ -1,0 +1,28 @@
+"""What the experiments share, layered above :mod:`core` (which never imports it): run records, the training loop,
+paths, config resolvers, seeding, the peer optimizers; :mod:`harness.diffusion` holds the Stable Diffusion pipeline.
+
+>>> from harness import RunRecorder, build_optimizer, train_loop
+>>> optimizer = build_optimizer(model, "loraplus", lr=2e-4)   # a peer, or one of the paper's four via core
+
+Importing it registers the ``${repo_root:}``, ``${data_root:}`` and ``${package_dir:NAME}`` config resolvers
+(:mod:`harness.resolvers`). It imports no model library (transformers, PEFT, diffusers): the modules that need one
+import it where it is used, or live in :mod:`harness.diffusion`.
+"""
+
+from .experiments import load_module
+from .loop import RecorderCallback, TrainingDiverged, train_loop
+from .optimizers import ALL_OPTIMIZERS, HPARAMS, OPTIMIZER_NAMES, PEER_NAMES, build_optimizer
+from .paths import REPO_ROOT, default_data_root, require_path
+from .peers import build_peer
+from .records import SCHEMA_VERSION, RunRecord, RunRecorder, default_run_name, hardware_info, load_records
+from .resolvers import register_resolvers
+from .seeding import seed_everything
+
+register_resolvers()
+
+__all__ = [
+    "build_optimizer", "OPTIMIZER_NAMES", "PEER_NAMES", "ALL_OPTIMIZERS", "HPARAMS", "build_peer",
+    "RunRecorder", "RunRecord", "load_records", "hardware_info", "default_run_name", "SCHEMA_VERSION",
+    "train_loop", "RecorderCallback", "TrainingDiverged",
+    "REPO_ROOT", "default_data_root", "require_path", "register_resolvers", "seed_everything", "load_module",
+]  # fmt: skip

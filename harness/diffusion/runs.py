@@ -1,0 +1,88 @@
+"""The run plumbing the two diffusion ``train.py`` share, reading their Hydra config.
+
+:func:`start_run` (seed, threads, accelerator, data and results folders), :func:`load_lora_components`,
+:func:`concept_folder`, :func:`make_recorder` and :func:`fuse_sample_and_finish` (fuse, sample, score, write the
+record). The config keys they read: ``seed``, ``threads``, ``data.root``, ``results_dir``, ``tags`` (``preset``),
+``wandb``, and the experiment's own groups (``model``, ``lora``, ``concept``, ``train``, ``sample``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from omegaconf import OmegaConf
+
+from ..paths import require_path
+from ..records import RunRecorder
+from ..seeding import seed_everything
+from .models import LoraDiffusionModel, SDComponents, add_lora, fuse_lora, load_components
+from .sampling import make_sampler, sample_and_score, to_pil
+
+__all__ = ["start_run", "load_lora_components", "concept_folder", "make_recorder", "fuse_sample_and_finish"]
+
+
+def start_run(cfg) -> tuple[Accelerator, Path, Path]:
+    """The opening of a diffusion run: seed (``cfg.seed``), torch CPU threads (``cfg.threads``; null: torch's
+    default), the accelerator; returns ``(accelerator, data_root, results_dir)`` = ``cfg.data.root`` and
+    ``cfg.results_dir`` as paths."""
+    seed_everything(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    if cfg.data.root is None:
+        raise ValueError("data.root is null: set it to the folder holding concepts/ and gpt2-tokenizer/ "
+                         "(default ${data_root:}: $RPLORA_DATA or <repo>/../shared/data)")
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    return accelerator, Path(cfg.data.root).expanduser(), Path(cfg.results_dir).expanduser()
+
+
+def load_lora_components(cfg, data_root: str | Path) -> SDComponents:
+    """The components an experiment config names (``cfg.model``: ``pretrained`` or ``tiny``, ``gpt2_dir``; seeded by
+    ``cfg.seed``) with LoRA on the UNet and the text encoder (``cfg.lora``: targets, ``rank``, ``alpha``)."""
+    gpt2_dir = cfg.model.gpt2_dir or Path(data_root) / "gpt2-tokenizer"
+    tiny = OmegaConf.to_container(cfg.model.tiny, resolve=True) if cfg.model.tiny else None
+    sd = load_components(cfg.model.pretrained, tiny, gpt2_dir, seed=cfg.seed)
+    add_lora(sd.unet, cfg.lora.unet_targets, cfg.lora.rank, cfg.lora.alpha)
+    add_lora(sd.text_encoder, cfg.lora.text_targets, cfg.lora.rank, cfg.lora.alpha)
+    return sd
+
+
+def concept_folder(cfg, data_root: str | Path) -> Path:
+    """``cfg.concept.dir`` if given, else ``<data_root>/concepts/<cfg.concept.name>``; a clear error if absent."""
+    folder = Path(cfg.concept.dir) if cfg.concept.dir else Path(data_root) / "concepts" / cfg.concept.name
+    return require_path(folder, f"concept folder for '{cfg.concept.name}'")
+
+
+def make_recorder(cfg, experiment: str, optimizer: str, hparams: dict, results_dir: str | Path, accelerator,
+                  **extra_hparams):
+    """The run's :class:`harness.RunRecorder`: the optimizer's hyperparameters, the text-encoder/UNet settings and
+    ``extra_hparams``; the tags of ``cfg.tags`` (``preset``) with concept, text_lr (and variant); ``cfg.wandb`` on
+    the main process only."""
+    return RunRecorder(
+        results_dir, experiment, optimizer=optimizer, seed=cfg.seed,
+        hparams={**hparams, "text_lr": cfg.text_lr, "text_reg": cfg.text_reg, "unet_reg": cfg.unet_reg,
+                 "fusion_scale": cfg.fusion_scale, "steps": cfg.train.steps, **extra_hparams},
+        config=OmegaConf.to_container(cfg, resolve=True),
+        tags={**OmegaConf.to_container(cfg.tags, resolve=True), "concept": cfg.concept.name, "text_lr": cfg.text_lr,
+              **({"variant": cfg.variant} if cfg.variant else {})},
+        wandb=OmegaConf.to_container(cfg.wandb) if cfg.wandb and accelerator.is_main_process else None,
+    )  # fmt: skip
+
+
+def fuse_sample_and_finish(cfg, model: LoraDiffusionModel, prompt_ids: torch.Tensor, train_scheduler, dataset,
+                           recorder, final: dict) -> dict:
+    """The end of a diffusion run (main process): fuse the LoRA weights at ``cfg.fusion_scale``, generate one image
+    per ``cfg.sample.seeds`` from ``prompt_ids`` = [prompt, empty prompt], score them (black share, CLIP against the
+    class word and the concept images if ``cfg.sample.clip_model``), save the strip beside the record as
+    ``samples/<run_name>.png``, and write the record with ``final`` updated by these metrics; returns ``final``."""
+    fuse_lora(model.unet, cfg.fusion_scale)
+    fuse_lora(model.text_encoder, cfg.fusion_scale)
+    final.update(sample_and_score(
+        model, make_sampler(cfg.sample.sampler, train_scheduler), prompt_ids[0], prompt_ids[1], cfg.sample.seeds,
+        cfg.data.resolution, cfg.sample.steps, cfg.sample.guidance_scale, cfg.sample.black_threshold,
+        strip_path=Path(recorder.path).parent / "samples" / f"{recorder.record.run_name}.png",
+        clip_model=cfg.sample.clip_model, references=[to_pil(x[None])[0] for x in dataset.images],
+        clip_text=cfg.sample.prompt.replace(cfg.data.placeholder, cfg.concept.class_word)))  # fmt: skip
+    print(f"{recorder.finish(final)}: black images {final['black_count']}/{final['num_images']}")
+    return final

@@ -1,0 +1,139 @@
+"""The training loop the experiments share (:func:`train_loop`) and a ``transformers.Trainer`` callback that writes
+the same run record (:func:`RecorderCallback`)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+import warnings
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from core import NonFiniteGradientError
+
+from .records import RunRecorder
+
+__all__ = ["train_loop", "RecorderCallback", "TrainingDiverged"]
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss or a gradient became inf/nan."""
+
+
+def train_loop(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    *,
+    scheduler: Any = None,
+    max_steps: int | None = None,
+    epochs: int = 1,
+    grad_clip: float | None = None,
+    accelerator: Any = None,
+    recorder: RunRecorder | None = None,
+    desc: str = "train",
+    eval_fn: Callable[[int], dict[str, float]] | None = None,
+    eval_every: int | None = None,
+    stop_on_divergence: bool = False,
+    progress: bool = True,
+) -> list[float]:
+    """Train for ``epochs`` passes over ``batches`` (or ``max_steps`` steps); return the per-step losses.
+
+    Each step: ``loss_fn(model, batch)``, backward (through ``accelerator`` when given), optional gradient-norm
+    clipping, ``optimizer.step()``, ``scheduler.step()``, ``zero_grad``. Logs ``loss``, ``lr``, ``time_s`` (the
+    whole step) and ``opt_time_s`` (the optimizer step alone) to ``recorder``; ``eval_fn(step)`` every
+    ``eval_every`` steps goes to ``recorder.log_metrics``. A non-finite loss or gradient raises
+    :class:`TrainingDiverged`, or with ``stop_on_divergence`` ends training and records ``diverged_at_step``
+    (what an LR sweep wants: the run is reported as diverged, not dropped).
+    """
+    total = max_steps if max_steps is not None else (epochs * len(batches) if hasattr(batches, "__len__") else None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    losses: list[float] = []
+    step = 0
+    model.train()
+    with tqdm(total=total, desc=desc, disable=not progress, dynamic_ncols=True) as bar:
+        for _ in range(epochs):
+            for batch in batches:
+                start = time.perf_counter()
+                loss = loss_fn(model, batch)
+                try:
+                    if not torch.isfinite(loss.detach()):
+                        raise TrainingDiverged(f"loss is {loss.item()} at step {step + 1}")
+                    accelerator.backward(loss) if accelerator is not None else loss.backward()
+                    if grad_clip:
+                        clip = accelerator.clip_grad_norm_ if accelerator is not None else nn.utils.clip_grad_norm_
+                        clip(params, grad_clip)
+                    sync()
+                    opt_start = time.perf_counter()
+                    optimizer.step()
+                    sync()
+                    opt_time = time.perf_counter() - opt_start
+                except (TrainingDiverged, NonFiniteGradientError) as err:
+                    if not stop_on_divergence:
+                        raise TrainingDiverged(f"training diverged at step {step + 1}: {err}") from err
+                    warnings.warn(f"training diverged at step {step + 1}, stopping: {err}", stacklevel=2)
+                    if recorder is not None:
+                        recorder.record.final_metrics["diverged_at_step"] = step + 1
+                    return losses
+                if scheduler is not None:
+                    scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                losses.append(loss.item())
+                if recorder is not None:
+                    recorder.log_step(
+                        step, loss=losses[-1], lr=optimizer.param_groups[0]["lr"],
+                        time_s=time.perf_counter() - start, opt_time_s=opt_time,
+                    )  # fmt: skip
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                if eval_fn is not None and eval_every and step % eval_every == 0:
+                    metrics = eval_fn(step)
+                    model.train()
+                    if recorder is not None:
+                        recorder.log_metrics(step, **metrics)
+                if max_steps is not None and step >= max_steps:
+                    return losses
+    return losses
+
+
+def RecorderCallback(recorder: RunRecorder):
+    """A ``transformers.TrainerCallback`` that writes the Trainer's loss, lr, eval metrics and step times.
+
+    A function, not a class, so that ``import harness`` does not import transformers: the callback's class is
+    defined inside it.
+    """
+    from transformers import TrainerCallback
+
+    class _RecorderCallback(TrainerCallback):
+        def __init__(self):
+            self.start = 0.0
+            self.times: list[float] = []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.times.append(time.perf_counter() - self.start)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            if "loss" in logs:
+                time_s = statistics.median(self.times) if self.times else None
+                self.times = []
+                loss = logs["loss"]
+                recorder.log_step(
+                    state.global_step, loss=loss if math.isfinite(loss) else None,
+                    lr=logs.get("learning_rate"), time_s=time_s,
+                )  # fmt: skip
+            evals = {k.removeprefix("eval_"): v for k, v in logs.items() if k.startswith("eval_")}
+            if evals:
+                recorder.log_metrics(state.global_step, **evals)
+
+    return _RecorderCallback()
