@@ -110,6 +110,12 @@ def _normalize_group(group: dict) -> dict:
     return group
 
 
+def _unpaired(count: int, index_pairs: list[list[int]]) -> list[int]:
+    """The indices in ``range(count)`` of no LoRA factor of ``index_pairs``."""
+    factors = {i for a, b, _ in index_pairs for i in (a, b)}
+    return [i for i in range(count) if i not in factors]
+
+
 class _Step(NamedTuple):
     """One group's step, prepared before anything changes: the ``indices`` of the parameters with a gradient, those
     ``params``, their update ``directions`` and, where AdamW's moments are computed here, the new ``moments``."""
@@ -169,8 +175,7 @@ class _LoraOptimizer(torch.optim.Optimizer):
             )  # fmt: skip
             for (a, b, _), (d_a, d_b) in zip(index_pairs, per_pair):
                 directions[a], directions[b] = d_a, d_b
-            factors = {i for a, b, _ in index_pairs for i in (a, b)}
-            plain = work.memo("plain", None, lambda: [i for i in range(len(params)) if i not in factors])
+            plain = work.memo("plain", None, lambda: _unpaired(len(params), index_pairs))
         plain_directions = []
         for i in plain:
             if directions[i] is not None:  # torch's fused CPU AdamW mis-reads non-contiguous gradients
