@@ -235,8 +235,8 @@ class _LoraOptimizer(torch.optim.Optimizer):
                 self._apply(group, step)
         return loss
 
-    def _apply(self, group: dict, step: _Step) -> None:
-        raise NotImplementedError
+    def _apply(self, group: dict, step: _Step) -> None:  # the base update: each subclass's own
+        raise TypeError(f"{type(self).__name__} defines no base update (_apply)")
 
 
 class ScaledGD(_LoraOptimizer):
