@@ -23,6 +23,8 @@ from typing import Any
 import torch
 import transformers
 
+from harness.paths import is_local_path, require_path
+
 _CACHE: dict[tuple, tuple[Any, Any]] = {}
 
 
@@ -58,11 +60,6 @@ def build_config_model(cfg: Any) -> torch.nn.Module:
     return transformers.GPT2LMHeadModel(transformers.GPT2Config(**values))
 
 
-def _is_local_path(name: str) -> bool:
-    """A name that can only be a local path (absolute, ``./``, ``../``, ``~``), never a hub name."""
-    return Path(name).is_absolute() or name.startswith(("./", "../", "~"))
-
-
 def check_model_source(cfg: Any) -> str:
     """The model config's one source (``name_or_path``, ``package`` or ``config``), with the files it names checked
     to exist: the package's GGUF file, the config JSON, a local model or tokenizer folder. A clear error otherwise;
@@ -77,8 +74,8 @@ def check_model_source(cfg: Any) -> str:
     if cfg.get("config_file") and not Path(cfg.config_file).is_file():
         raise FileNotFoundError(f"model.config_file={str(cfg.config_file)!r} not found")
     for key in ("name_or_path", "tokenizer"):
-        if cfg.get(key) and _is_local_path(cfg[key]) and not Path(cfg[key]).expanduser().exists():
-            raise FileNotFoundError(f"model.{key}={cfg[key]!r} does not exist")
+        if cfg.get(key) and is_local_path(cfg[key]):
+            require_path(cfg[key], f"model.{key}")
     return sources[0]
 
 

@@ -103,12 +103,14 @@ def main(cfg: DictConfig) -> float:
 
     accelerator = Accelerator()
     recorder = make_recorder(cfg) if accelerator.is_main_process else None
-    with recorder or contextlib.nullcontext():  # the record is on disk (running) from here on, then closed
-        return run(cfg, accelerator, recorder)
+    if recorder is not None:
+        recorder.check_can_start()  # another run of this configuration stops here, before anything is loaded
+    return run(cfg, accelerator, recorder)
 
 
 def run(cfg: DictConfig, accelerator, recorder: harness.RunRecorder | None) -> float:
-    """Train, select on validation, decode, score; ``recorder`` is None on the processes that do not write."""
+    """Load, train, select on validation, decode, score; ``recorder`` is None on the processes that do not write.
+    The record is on disk (running) from the first training step on, and closed however the run ends."""
     harness.seed_everything(int(cfg.seed))
     splits = load_splits(cfg.data)
     model, tokenizer = load_model(cfg.model)
@@ -128,57 +130,60 @@ def run(cfg: DictConfig, accelerator, recorder: harness.RunRecorder | None) -> f
 
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.train.warmup_steps), total_steps)
 
-    best = {"loss": math.inf, "step": None, "state": None}
+    with recorder or contextlib.nullcontext():  # on disk (running) from here, closed however the run ends
+        best = {"loss": math.inf, "step": None, "state": None}
 
-    def evaluate(step: int) -> dict[str, float]:
-        """Validation loss; keep the trainable state with the lowest one (model selection)."""
-        local = torch.tensor(mean_loss(model, valid_loader), device=accelerator.device)
-        loss = accelerator.reduce(local, reduction="mean").item()  # the mean over processes under DDP
-        if loss < best["loss"]:
-            best.update(loss=loss, step=step, state=trainable_state(accelerator.unwrap_model(model)))
-        return {"valid_loss": loss}
+        def evaluate(step: int) -> dict[str, float]:
+            """Validation loss; keep the trainable state with the lowest one (model selection)."""
+            local = torch.tensor(mean_loss(model, valid_loader), device=accelerator.device)
+            loss = accelerator.reduce(local, reduction="mean").item()  # the mean over processes under DDP
+            if loss < best["loss"]:
+                best.update(loss=loss, step=step, state=trainable_state(accelerator.unwrap_model(model)))
+            return {"valid_loss": loss}
 
-    eval_every = int(cfg.train.eval_every or len(train_loader))
-    losses = harness.train_loop(
-        model, optimizer, train_loader, partial(lm_loss, label_smoothing=float(cfg.train.label_smoothing)),
-        scheduler=scheduler, max_steps=cfg.train.max_steps, epochs=int(cfg.train.epochs),
-        grad_clip=cfg.train.grad_clip, accelerator=accelerator, recorder=recorder,
-        desc=f"train {cfg.optim.name} lr={cfg.optim.lr:g}", eval_fn=evaluate, eval_every=eval_every,
-        stop_on_divergence=True,
-    )
-    planned = min(cfg.train.max_steps or math.inf, int(cfg.train.epochs) * len(train_loader))
-    diverged = len(losses) < planned  # train_loop stopped early (stop_on_divergence); the same on every process
-    if losses and len(losses) % eval_every and not diverged:  # the final state was not evaluated yet
-        metrics = evaluate(len(losses))
-        if recorder is not None:
-            recorder.log_metrics(len(losses), **metrics)
-    if not accelerator.is_main_process:
-        return best["loss"]
+        eval_every = int(cfg.train.eval_every or len(train_loader))
+        losses = harness.train_loop(
+            model, optimizer, train_loader, partial(lm_loss, label_smoothing=float(cfg.train.label_smoothing)),
+            scheduler=scheduler, max_steps=cfg.train.max_steps, epochs=int(cfg.train.epochs),
+            grad_clip=cfg.train.grad_clip, accelerator=accelerator, recorder=recorder,
+            desc=f"train {cfg.optim.name} lr={cfg.optim.lr:g}", eval_fn=evaluate, eval_every=eval_every,
+            stop_on_divergence=True,
+        )
+        planned = min(cfg.train.max_steps or math.inf, int(cfg.train.epochs) * len(train_loader))
+        diverged = len(losses) < planned  # train_loop stopped early (stop_on_divergence); the same on every process
+        if losses and len(losses) % eval_every and not diverged:  # the final state was not evaluated yet
+            metrics = evaluate(len(losses))
+            if recorder is not None:
+                recorder.log_metrics(len(losses), **metrics)
+        if not accelerator.is_main_process:
+            return best["loss"]
 
-    final = {"trainable_params": n_trainable, "steps": len(losses), "train_loss_last": losses[-1] if losses else None,
-             "valid_loss_best": best["loss"] if best["state"] is not None else None, "best_step": best["step"]}
-    recorder.save(final_metrics=final)  # the training results are on disk before decoding and scoring
-    mrs, refs = scored_test_set(splits["test"], cfg.data.test_mrs)
-    if mrs and best["state"] is not None:
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.load_state_dict(best["state"], strict=False)
-        hyps = beam_decode(unwrapped, tokenizer, mrs, num_beams=int(cfg.decode.num_beams),
-                           length_penalty=float(cfg.decode.length_penalty),
-                           no_repeat_ngram_size=int(cfg.decode.no_repeat_ngram_size),
-                           max_new_tokens=int(cfg.decode.max_new_tokens), batch_size=int(cfg.decode.batch_size))
-        with recorder.output_file("predictions", ".tsv") as tmp:  # atomic, named after the record, listed in it
-            e2e_metrics.write_predictions(tmp, mrs, hyps)
-        try:
-            final.update(e2e_metrics.score_corpus(hyps, refs))
-        except Exception:
-            print(f"scoring failed: {recorder.write_path} keeps the training results and names the predictions; "
-                  f"score them later with: python GPT-2/evaluate.py --record {recorder.write_path}", file=sys.stderr)
-            raise
-        final["test_mrs"] = len(mrs)
-    path = recorder.finish(final_metrics=final)
-    print(f"record: {path}\n" + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                          for k, v in final.items()))
-    return final.get("BLEU", final["valid_loss_best"])
+        final = {"trainable_params": n_trainable, "steps": len(losses),
+                 "train_loss_last": losses[-1] if losses else None,
+                 "valid_loss_best": best["loss"] if best["state"] is not None else None, "best_step": best["step"]}
+        recorder.save(final_metrics=final)  # the training results are on disk before decoding and scoring
+        mrs, refs = scored_test_set(splits["test"], cfg.data.test_mrs)
+        if mrs and best["state"] is not None:
+            unwrapped = accelerator.unwrap_model(model)
+            unwrapped.load_state_dict(best["state"], strict=False)
+            hyps = beam_decode(unwrapped, tokenizer, mrs, num_beams=int(cfg.decode.num_beams),
+                               length_penalty=float(cfg.decode.length_penalty),
+                               no_repeat_ngram_size=int(cfg.decode.no_repeat_ngram_size),
+                               max_new_tokens=int(cfg.decode.max_new_tokens), batch_size=int(cfg.decode.batch_size))
+            with recorder.output_file("predictions", ".tsv") as tmp:  # atomic, named after the record, listed in it
+                e2e_metrics.write_predictions(tmp, mrs, hyps)
+            try:
+                final.update(e2e_metrics.score_corpus(hyps, refs))
+            except Exception:
+                print(f"scoring failed: {recorder.write_path} keeps the training results and names the "
+                      f"predictions; score them later with: python GPT-2/evaluate.py --record {recorder.write_path}",
+                      file=sys.stderr)
+                raise
+            final["test_mrs"] = len(mrs)
+        path = recorder.finish(final_metrics=final)
+        print(f"record: {path}\n" + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                              for k, v in final.items()))
+        return final.get("BLEU", final["valid_loss_best"])
 
 
 if __name__ == "__main__":

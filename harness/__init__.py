@@ -12,7 +12,7 @@ import it where it is used, or live in :mod:`harness.diffusion`.
 from .experiments import load_module
 from .loop import RecorderCallback, TrainingDiverged, train_loop
 from .optimizers import ALL_OPTIMIZERS, HPARAMS, OPTIMIZER_NAMES, PEER_NAMES, build_optimizer
-from .paths import REPO_ROOT, default_data_root, require_path, require_writable_folder
+from .paths import REPO_ROOT, default_data_root, is_local_path, require_path, require_writable_folder
 from .peers import build_peer
 from .records import (
     SCHEMA_VERSION, RecordLockedError, RunInterrupted, RunRecord, RunRecorder, config_hash, default_run_name,
@@ -28,6 +28,6 @@ __all__ = [
     "RunRecorder", "RunRecord", "load_records", "hardware_info", "default_run_name", "config_hash", "SCHEMA_VERSION",
     "RecordLockedError", "RunInterrupted",
     "train_loop", "RecorderCallback", "TrainingDiverged",
-    "REPO_ROOT", "default_data_root", "require_path", "require_writable_folder", "register_resolvers",
+    "REPO_ROOT", "default_data_root", "require_path", "require_writable_folder", "is_local_path", "register_resolvers",
     "seed_everything", "load_module",
 ]  # fmt: skip

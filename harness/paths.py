@@ -7,7 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["REPO_ROOT", "default_data_root", "require_path", "require_writable_folder"]
+__all__ = ["REPO_ROOT", "default_data_root", "require_path", "require_writable_folder", "is_local_path"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,3 +37,10 @@ def require_writable_folder(path: str | os.PathLike, what: str) -> Path:
     except OSError as err:
         raise PermissionError(f"{what} '{path}' is not writable: {err}") from err
     return path
+
+
+def is_local_path(name: str | os.PathLike) -> bool:
+    """Whether a model or dataset name can only be a local path (absolute, ``./``, ``../``, ``~``), never a hub
+    name: such a path is checked to exist before a run loads anything."""
+    name = str(name)
+    return Path(name).is_absolute() or name.startswith(("./", "../", "~"))

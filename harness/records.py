@@ -342,15 +342,8 @@ class RunRecorder:
         self._reopened = False
         self._started = self._closed = False
         self._sigterm_handler: list = []  # the handler to restore, while the with block holds SIGTERM
+        self._wandb_settings = wandb
         self._wandb = None
-        if wandb:
-            import wandb as wandb_lib  # only for the runs that mirror to it: it is slow to import
-
-            settings = {"mode": "offline", "project": "riemannian-preconditioned-lora"}
-            settings.update(wandb if isinstance(wandb, dict) else {})
-            self._wandb = wandb_lib.init(
-                name=record.run_name, config={"optimizer": optimizer, **record.hparams, "tags": tags}, **settings
-            )
 
     def _locate(self, folder: Path) -> None:
         name = self.record.run_name
@@ -375,7 +368,7 @@ class RunRecorder:
         self._reopened = True
         self._started = self._closed = False
         self._sigterm_handler = []
-        self._wandb = None
+        self._wandb_settings = self._wandb = None
         return self
 
     @property
@@ -390,8 +383,18 @@ class RunRecorder:
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
 
+    def check_can_start(self) -> None:
+        """Raise what :meth:`start` would raise, without taking the lock: :class:`RecordLockedError` when the record
+        is locked, ``ValueError`` when its file exists but is not a run record. For a run to stop before it loads
+        anything (:meth:`start` takes the lock atomically later, when the work that a record is for begins)."""
+        if self.lock_path.exists():
+            raise RecordLockedError(_lock_message(self.lock_path, self.path))
+        if not self._reopened and self.path.exists():
+            _read_record(self.path)
+
     def start(self) -> "RunRecorder":
-        """Take the record's lock and write it with ``status: running`` (a reopened record keeps its status).
+        """Take the record's lock and write it with ``status: running`` (a reopened record keeps its status); start
+        the wandb mirror if asked.
 
         Raises :class:`RecordLockedError` when another run holds the lock (or a killed one left it), and
         ``ValueError`` when the record's file exists but is not a run record; nothing is written then."""
@@ -418,6 +421,14 @@ class RunRecorder:
             self._started = False
             self.lock_path.unlink(missing_ok=True)
             raise
+        if self._wandb_settings:
+            import wandb as wandb_lib  # only for the runs that mirror to it: it is slow to import
+
+            settings = {"mode": "offline", "project": "riemannian-preconditioned-lora"}
+            settings.update(self._wandb_settings if isinstance(self._wandb_settings, dict) else {})
+            record = self.record
+            self._wandb = wandb_lib.init(name=record.run_name, **settings,
+                                         config={"optimizer": record.optimizer, **record.hparams, "tags": record.tags})
         return self
 
     def __enter__(self) -> "RunRecorder":
