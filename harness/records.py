@@ -34,9 +34,9 @@ as stale, with the command that removes it, and is never removed silently.
 Finished records are kept until a finished run replaces them. A run whose record exists and is finished (``done``,
 ``diverged``, or a record written before ``status`` existed) works under ``<run_name>.pending.json`` (its files
 named after that) and only replaces ``<run_name>.json`` and its files when it is finished too; if it fails or is
-interrupted, the finished record stays untouched and the pending one says what happened. A record that is not
-finished (``failed``, ``interrupted``, or ``running`` without a lock) is replaced by the next run of its
-configuration.
+interrupted, the finished record stays untouched and the pending one says what happened (:func:`load_records`
+leaves pending records out unless asked). A record that is not finished (``failed``, ``interrupted``, or
+``running`` without a lock) is replaced by the next run of its configuration.
 
 :func:`load_records` reads records of every schema version in :data:`READABLE_SCHEMA_VERSIONS` (version 1 had no
 ``status``, ``error``, ``files``, ``launch``, ``config_hash`` or ``updated``; tables infer how such a run ended).
@@ -492,7 +492,8 @@ class RunRecorder:
     def _promote(self) -> None:
         """The finished re-run replaces the finished record: first the record (still naming the pending files, which
         exist), then each file is copied to its final name, then the record names those; the pending files go last.
-        At no moment does a record sit beside files of another run under its own name without naming its own."""
+        Whenever the process is killed, the record under the final name is either the old one beside its own files,
+        or the new one naming files of the new run."""
         pending_stem = self.pending_path.name.removesuffix(".json")
         final_stem = self.path.name.removesuffix(".json")
         self._write(self.path)
