@@ -70,7 +70,7 @@ import torch
 __all__ = [
     "RunRecord", "RunRecorder", "load_records", "hardware_info", "default_run_name", "config_hash", "SCHEMA_VERSION",
     "READABLE_SCHEMA_VERSIONS", "InvalidRecordWarning", "RUN_STATUSES", "FINISHED_STATUSES", "HASH_EXCLUDED_KEYS",
-    "RecordLockedError", "RunInterrupted",
+    "RecordLockedError", "RunInterrupted", "run_slug",
 ]  # fmt: skip
 
 SCHEMA_VERSION = 2

@@ -291,6 +291,25 @@ def test_a_finished_record_is_replaced_only_by_a_finished_run(tmp_path):
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == [second.path.name, predictions.name]
 
 
+def test_a_failed_re_run_scored_later_replaces_the_finished_record(tmp_path):
+    with recorder(tmp_path) as first:
+        first.finish({"BLEU": 0.1})
+    with pytest.raises(RuntimeError):
+        with recorder(tmp_path) as rerun:
+            with rerun.output_file("predictions", ".tsv") as tmp:
+                tmp.write_text("MR\toutput\n")
+            raise RuntimeError("scoring failed")
+    with RunRecorder.reopen(rerun.pending_path) as reopened:  # what evaluate.py --record does
+        assert reopened.record.status == "failed" and reopened.write_path == rerun.pending_path
+        reopened.finish({"BLEU": 0.2})
+    stored = on_disk(first.path)
+    assert stored["status"] == "done" and stored["final_metrics"] == {"BLEU": 0.2} and stored["error"] is None
+    assert stored["files"] == {"predictions": f"predictions/{first.path.stem}.tsv"}
+    assert not rerun.pending_path.exists() and (tmp_path / "demo" / stored["files"]["predictions"]).is_file()
+    with pytest.raises(ValueError, match="a record named after its run_name"):
+        RunRecorder.reopen(first.path.rename(first.path.with_name("elsewhere.json")))
+
+
 def test_an_unfinished_record_is_replaced_by_the_next_run(tmp_path):
     with pytest.raises(ValueError):
         with recorder(tmp_path):
