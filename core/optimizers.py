@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from collections.abc import Sequence as SequenceABC
 from typing import Any, Iterable, NamedTuple, Sequence
 
@@ -86,6 +87,9 @@ def adam_normalised_step(
     return us, ms, vs
 
 
+_GENERATED_NAME = re.compile(r"^(param\d+|lora_pairs\.\d+\.[AB])$")  # the names of _normalize_group for unnamed ones
+
+
 def _split_names(plain: list, plain_names: list[str] | None) -> tuple[list, list[str] | None]:
     """``params`` given as ``(name, tensor)`` entries (``model.named_parameters()``) as tensors and names."""
     named = [isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in plain]
@@ -102,8 +106,8 @@ def _normalize_group(group: dict, precondition: bool) -> dict:
     """Turn a user group with ``lora_pairs`` into ``params`` + ``pairs`` (index triples) + ``param_names``.
 
     Named ``params`` (``(name, tensor)`` entries, e.g. ``model.named_parameters()``) are paired by name under
-    ``precondition`` (:func:`core.pairing.pair_named_parameters`, the rules of ``find_lora_pairs``); the factors
-    found join ``lora_pairs``, the rest stay plain parameters.
+    ``precondition`` (:func:`core.pairing.pair_named_parameters`, the rules of ``find_lora_pairs``: trainable
+    factors only), each parameter keeping its place in ``params``.
     """
     group = dict(group)
     plain = group.pop("params", [])
@@ -117,12 +121,9 @@ def _normalize_group(group: dict, precondition: bool) -> dict:
             raise ValueError("a parameter group may give 'pairs' (indices) or 'lora_pairs', not both")
         group["params"], group["param_names"] = plain, plain_names or [f"param{i}" for i in range(len(plain))]
         return group
-    if precondition and plain_names is not None:
-        found = pair_named_parameters(zip(plain_names, plain))
-        factors = {id(t) for pair in found for t in (pair.A, pair.B)}
-        lora_pairs += found
-        plain_names = [n for n, p in zip(plain_names, plain) if id(p) not in factors]
-        plain = [p for p in plain if id(p) not in factors]
+    found = []  # pairs among named params, which keep their places (a torch optimizer's state loads by position)
+    if precondition and plain_names is not None:  # trainable factors only, as find_lora_pairs
+        found = pair_named_parameters((n, p) for n, p in zip(plain_names, plain) if p.requires_grad)
     params, names, index_pairs = [], [], []
     for i, pair in enumerate(lora_pairs):
         if isinstance(pair, LoraPair):
@@ -136,6 +137,8 @@ def _normalize_group(group: dict, precondition: bool) -> dict:
         index_pairs.append([len(params), len(params) + 1, int(blocks)])
         params += [A, B]
         names += [a_name, b_name]
+    position = {id(p): len(params) + i for i, p in enumerate(plain)}
+    index_pairs += [[position[id(pair.A)], position[id(pair.B)], pair.blocks] for pair in found]
     names += plain_names if plain_names is not None else [f"param{len(params) + i}" for i in range(len(plain))]
     params += plain
     if len(set(params)) != len(params):
@@ -254,6 +257,10 @@ class _LoraOptimizer(torch.optim.Optimizer):
         if len(saved["params"]) != len(group["params"]):
             raise ValueError(f"{where} has {len(saved['params'])} parameter(s) in the saved state, "
                              f"{len(group['params'])} in this optimizer")  # fmt: skip
+        for i, (ours, theirs) in enumerate(zip(group["param_names"], saved.get("param_names") or [])):
+            if ours != theirs and not (_GENERATED_NAME.match(ours) or _GENERATED_NAME.match(str(theirs))):
+                raise ValueError(f"{where}: parameter {i} is '{theirs}' in the saved state but '{ours}' here (a "
+                                 "state is loaded by position: the parameters must come in the same order)")
         if "pairs" not in saved:  # a state of another optimizer (torch's)
             loaded = self._foreign_group(where, group, saved)
         else:
