@@ -294,7 +294,9 @@ class _LoraOptimizer(torch.optim.Optimizer):
     def _check_saved_state(self, where: str, p: Tensor, entry: Any) -> None:
         spec = self._state_spec(p)
         if not isinstance(entry, dict):
-            raise ValueError(f"cannot load the optimizer state: {where}: the state is {type(entry).__name__}, not a dict")
+            raise ValueError(
+                f"cannot load the optimizer state: {where}: the state is {type(entry).__name__}, not a dict"
+            )
         unknown = sorted(set(entry) - set(spec), key=str)
         missing = sorted(set(spec) - set(entry)) if self._STATE_COMPLETE else []
         if unknown or missing:
@@ -514,7 +516,7 @@ class ScaledAdamW(_LoraOptimizer):
     def _check_group(self, group: dict) -> None:
         super()._check_group(group)
         betas = group["betas"] = _as_pair(group["betas"])
-        numbers = isinstance(betas, tuple) and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas)
+        numbers = isinstance(betas, tuple) and all(isinstance(b, (int, float)) and type(b) is not bool for b in betas)
         if not numbers or len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
         _check_nonnegative("eps", group["eps"])
@@ -536,8 +538,10 @@ class ScaledAdamW(_LoraOptimizer):
         if not {"betas", "eps", "amsgrad"} <= set(saved) or "momentum" in saved:
             super()._foreign_group(where, group, saved)
         if not saved.get("decoupled_weight_decay", False) and saved.get("weight_decay", 0):
-            raise ValueError(f"{where}: the saved state is torch.optim.Adam's with weight_decay={saved['weight_decay']!r}"
-                             ", which enters the gradient; ScaledAdamW's weight decay is decoupled (AdamW's)")
+            raise ValueError(
+                f"{where}: the saved state is torch.optim.Adam's with weight_decay={saved['weight_decay']!r}, which "
+                "enters the gradient; ScaledAdamW's weight decay is decoupled (AdamW's)"
+            )
         for flag in ("amsgrad", "maximize"):
             if saved.get(flag):
                 raise ValueError(f"{where}: the saved torch AdamW state has {flag}=True, which ScaledAdamW does not do")

@@ -137,8 +137,8 @@ def find_lora_pairs(
 
 
 def pair_named_parameters(
-    named_parameters: Iterable[tuple[str, torch.Tensor]], patterns: Iterable[tuple[re.Pattern[str], str]] = PAIR_PATTERNS,
-    block_count: Callable[[str], int] | None = None,
+    named_parameters: Iterable[tuple[str, torch.Tensor]],
+    patterns: Iterable[tuple[re.Pattern[str], str]] = PAIR_PATTERNS, block_count: Callable[[str], int] | None = None,
 ) -> list[LoraPair]:
     """The LoRA pairs among ``(name, parameter)`` entries (``model.named_parameters()``), by the rules of
     :func:`find_lora_pairs`; ``block_count(module_name)`` gives a module's merged blocks (default: 1 each, so a

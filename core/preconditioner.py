@@ -89,8 +89,8 @@ def preconditioned_directions(
 ) -> list[tuple[Tensor | None, Tensor | None]]:  # fmt: skip
     """The update directions ``(d_A, d_B)`` of LoRA pairs ``(A, B, blocks)`` with gradients ``(∇A, ∇B)``.
 
-    Shaped like A and B, in their :func:`direction_dtype`; ``None`` where the gradient is ``None``. ``batched=False`` is the loop below, one
-    pair at a time; ``batched=True`` gives the same directions (up to float rounding) from batched calls per bucket
+    Shaped like A and B, in their :func:`direction_dtype`; ``None`` where the gradient is ``None``.
+    ``batched=False`` is the loop below, one pair at a time; ``batched=True`` gives the same directions (up to float rounding) from batched calls per bucket
     of alike factors (:func:`_batched_directions`), in buffers of ``workspace`` (kept by the caller for the same
     pairs). Sums of the directions are appended to ``sums``: a few scalars, all finite if every direction is.
     """

@@ -43,7 +43,7 @@ def train(model, opt, steps, dtype=torch.float32):
         loss = loss_of(model, dtype)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     return losses
 
 
