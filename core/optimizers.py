@@ -438,7 +438,9 @@ class ScaledGD(_LoraOptimizer):
         p   <- p (1 - lr weight_decay) - lr d                                 (decoupled weight decay)
 
     Args:
-        params: LoRA pairs (``find_lora_pairs(model)``) or parameter groups with ``lora_pairs`` and/or ``params``.
+        params: LoRA pairs (``find_lora_pairs(model)``), ``model.named_parameters()`` (paired by name), or parameter
+            groups with ``lora_pairs`` and/or ``params`` (named or not). With ``precondition`` some group must have a
+            LoRA pair: an optimizer that would silently be the plain one is an error.
         lr: learning rate. weight_decay: decoupled weight decay. momentum: heavy-ball momentum (0 = none).
         reg: ridge ``reg I`` added to the r x r Gram matrices (>= 0; see core.preconditioner for reg = 0).
         precondition: apply the preconditioner to LoRA pairs.
