@@ -55,16 +55,12 @@ def build_optimizer(
     if name not in HPARAMS:
         raise ValueError(f"unknown optimizer {name!r}; expected one of {list(OPTIMIZER_NAMES)}")
     _check_hparams(name, hparams, HPARAMS[name])
-    if "betas" in hparams:
-        hparams["betas"] = tuple(hparams["betas"])
     if not isinstance(model, (nn.Module, Mapping)):
         raise TypeError(f"model must be an nn.Module or a dict of them, got {type(model).__name__}")
     module = model if isinstance(model, nn.Module) else nn.ModuleDict(dict(model))
     overrides = {k: dict(v) for k, v in (group_overrides or {}).items()}
     for prefix, values in overrides.items():
         _check_hparams(name, values, HPARAMS[name] & _GROUP_KEYS, f" in group_overrides['{prefix}']")
-        if "betas" in values:
-            values["betas"] = tuple(values["betas"])
     trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("the model has no trainable parameters")

@@ -21,14 +21,15 @@ GPT-2's fused ``c_attn``) holds ``k`` independent blocks: A is (k r, n), B is (k
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
-__all__ = ["LoraPair", "PAIR_PATTERNS", "find_lora_pairs", "LoraPairingError"]
+__all__ = ["LoraPair", "PAIR_PATTERNS", "find_lora_pairs", "pair_named_parameters", "LoraPairingError"]
 
 
 class LoraPairingError(ValueError):
@@ -68,11 +69,14 @@ class LoraPair:
         return self.B.shape[1]
 
 
-def _as_matrix_shape(t: torch.Tensor) -> tuple[int, int]:
-    """Rows and columns of the factor seen as a matrix (conv kernels flattened)."""
+def _as_matrix_shape(name: str, role: str, t: torch.Tensor) -> tuple[int, int]:
+    """Rows and columns of the factor seen as a matrix (conv kernels flattened), from its shape alone."""
     if t.dim() < 2:
-        raise LoraPairingError(f"LoRA factor of shape {tuple(t.shape)} is not a matrix")
-    return t.shape[0], t[0].numel()
+        raise LoraPairingError(
+            f"LoRA pair '{name}': {role} of shape {tuple(t.shape)} is not a matrix (a factor flattened to 1-D, e.g. by "
+            "a sharding engine, hides the shapes the preconditioner needs)"
+        )
+    return t.shape[0], math.prod(t.shape[1:])
 
 
 def _block_count(model: nn.Module, module_name: str) -> int:
@@ -86,20 +90,34 @@ def _block_count(model: nn.Module, module_name: str) -> int:
     return int(getattr(module, "lora_num_blocks", 1))
 
 
-def check_pair(name: str, A: torch.Tensor, B: torch.Tensor, blocks: int = 1) -> None:
-    """Raise :class:`LoraPairingError` unless ``B @ A`` chains for ``blocks`` merged blocks."""
-    (a_rows, _), (b_rows, r) = _as_matrix_shape(A), _as_matrix_shape(B)
-    if blocks < 1:
-        raise LoraPairingError(f"LoRA pair '{name}': blocks must be >= 1, got {blocks}")
-    if B.dim() > 2 and B[0, 0].numel() != 1:
+def check_pair(name: str, A: torch.Tensor, B: torch.Tensor, blocks: int = 1, given_order: bool = False) -> None:
+    """Raise :class:`LoraPairingError` unless ``B @ A`` chains for ``blocks`` merged blocks.
+
+    ``given_order``: the roles come from the order of a user's ``(A, B)`` tuple rather than from names, so a rank
+    larger than the short side of a factor (r > min(m, n), which no LoRA pair has a use for) is reported as a pair
+    that looks swapped.
+    """
+    (a_rows, n), (b_rows, r) = _as_matrix_shape(name, "A", A), _as_matrix_shape(name, "B", B)
+    if not isinstance(blocks, int) or blocks < 1:
+        raise LoraPairingError(f"LoRA pair '{name}': blocks must be an integer >= 1, got {blocks!r}")
+    if B.dim() > 2 and math.prod(B.shape[2:]) != 1:
         raise LoraPairingError(
             f"LoRA pair '{name}': B of shape {tuple(B.shape)} is not a 1x1 convolution; only A may have a kernel"
         )
+    swapped = ""
+    if given_order and b_rows == blocks * n and a_rows % blocks == 0:  # (B, A) would chain
+        swapped = "; the pair looks swapped: give (A, B) with A (r x n) the down- and B (m x r) the up-projection"
     if a_rows != blocks * r or b_rows % blocks:
         raise LoraPairingError(
             f"LoRA pair '{name}': shapes do not chain: A {tuple(A.shape)} (rows {a_rows}) and B {tuple(B.shape)} "
             f"(columns {r}) with {blocks} block(s); expected A rows == blocks * B columns and B rows divisible by "
-            f"blocks"
+            f"blocks{swapped}"
+        )
+    if given_order and r > min(n, b_rows // blocks):
+        raise LoraPairingError(
+            f"LoRA pair '{name}': rank {r} (the columns of B {tuple(B.shape)}) exceeds the short side of the "
+            f"{b_rows // blocks} x {n} update B @ A; the pair looks swapped: give (A, B) with A (r x n) the down- "
+            "and B (m x r) the up-projection"
         )
     if A.dtype != B.dtype or A.device != B.device:
         raise LoraPairingError(f"LoRA pair '{name}': A is {A.dtype} on {A.device} but B is {B.dtype} on {B.device}")
@@ -114,11 +132,21 @@ def find_lora_pairs(
     ignored. Raises :class:`LoraPairingError` naming the module when a trainable factor has no trainable partner
     or when the shapes of a pair do not chain.
     """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad or not trainable_only]
+    return pair_named_parameters(named, patterns, block_count=lambda module_name: _block_count(model, module_name))
+
+
+def pair_named_parameters(
+    named_parameters: Iterable[tuple[str, torch.Tensor]],
+    patterns: Iterable[tuple[re.Pattern[str], str]] = PAIR_PATTERNS, block_count: Callable[[str], int] | None = None,
+) -> list[LoraPair]:
+    """The LoRA pairs among ``(name, parameter)`` entries (``model.named_parameters()``), by the rules of
+    :func:`find_lora_pairs`; ``block_count(module_name)`` gives a module's merged blocks (default: 1 each, so a
+    merged loralib layer needs :func:`find_lora_pairs` with its model). Entries that match no pattern are ignored.
+    """
     found: dict[tuple[str, str], dict[str, tuple[str, torch.Tensor]]] = {}
     patterns = tuple(patterns)
-    for param_name, param in model.named_parameters():
-        if trainable_only and not param.requires_grad:
-            continue
+    for param_name, param in named_parameters:
         for pattern, role in patterns:
             match = pattern.match(param_name)
             if match:
@@ -141,7 +169,7 @@ def find_lora_pairs(
                 f"{missing} factor"
             )
         (a_name, A), (b_name, B) = slot["A"], slot["B"]
-        blocks = _block_count(model, module_name)
+        blocks = block_count(module_name) if block_count else 1
         check_pair(name, A, B, blocks)
         pairs.append(LoraPair(name, a_name, b_name, A, B, blocks))
     return pairs

@@ -6,7 +6,9 @@ For a LoRA pair ``W + B A`` with A (r x n) and B (m x r) the preconditioned grad
 
 computed from A and B as they are before the step, for each merged block on its own (see :mod:`core.pairing`),
 convolution factors flattened to matrices. The r x r Gram matrices are factorised by Cholesky in float32 (float64
-for float64 factors) whatever the factors' dtype; the directions come back in the factors' dtype.
+for float64 factors) whatever the factors' dtype; the directions come back in the factors' dtype, except for float16
+factors, whose directions are float32 (:func:`direction_dtype`): (BᵀB + reg I)⁻¹ ∇A is large where B is small, and
+float16 ends at 65504.
 
 Singular Gram matrices (``reg = 0`` and a rank-deficient factor, e.g. B = 0 at PEFT's initialisation): ∇A =
 Bᵀ ∂L/∂(BA) lies in the row space of B, so ``BᵀB X = ∇A`` is consistent and its minimum-norm solution ``(BᵀB)⁺ ∇A``
@@ -16,6 +18,7 @@ added) for every Gram matrix whose Cholesky factorisation fails. At step 0 with 
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import NamedTuple, Optional, Sequence
 
@@ -24,7 +27,7 @@ from torch import Tensor
 
 from ._workspace import Workspace
 
-__all__ = ["preconditioned_directions", "inverse_gram", "compute_dtype"]
+__all__ = ["preconditioned_directions", "inverse_gram", "compute_dtype", "direction_dtype"]
 
 Pair = tuple[Tensor, Tensor, int]  # (A, B, blocks)
 Grads = tuple[Optional[Tensor], Optional[Tensor]]  # (∇A, ∇B), None where a factor has no gradient
@@ -38,9 +41,17 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def direction_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the update directions of a parameter of ``dtype``, and of its optimizer state: float32 for
+    float16 (whose range, 6e-8 to 65504, holds neither a large preconditioned direction nor Adam's squared
+    gradients), ``dtype`` itself otherwise (bfloat16 has float32's range)."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 def inverse_gram(gram: Tensor, reg: float, workspace: Workspace | None = None) -> Tensor:
     """``(gram + reg I)⁻¹`` for a batch (..., r, r) of symmetric positive semi-definite matrices (``gram`` gets the
-    ``reg I`` added in place), from their Cholesky factors; ``(gram + reg I)⁺`` for those whose factorisation fails.
+    ``reg I`` added in place), from their Cholesky factors; ``(gram + reg I)⁺`` for those whose factorisation fails,
+    all NaN for those that are not finite (a factor holding inf or nan), so that the caller's check reports them.
     """
     work = workspace or Workspace(reuse=False)
     if reg:
@@ -54,10 +65,15 @@ def inverse_gram(gram: Tensor, reg: float, workspace: Workspace | None = None) -
     failed = info != 0
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
     torch.cholesky_inverse(torch.where(failed[..., None, None], eye, chol), out=inverse)
-    evals, evecs = torch.linalg.eigh(gram[failed].double())  # the Moore-Penrose inverse of the singular ones
+    finite = gram.isfinite().flatten(-2).all(-1)
+    inverse[failed & ~finite] = float("nan")
+    singular = failed & finite
+    if not singular.any():
+        return inverse
+    evals, evecs = torch.linalg.eigh(gram[singular].double())  # the Moore-Penrose inverse of the singular ones
     cutoff = evals.amax(dim=-1, keepdim=True).clamp_min(0) * (gram.shape[-1] * torch.finfo(gram.dtype).eps)
     inv_evals = torch.where(evals > cutoff, 1.0 / evals, torch.zeros_like(evals))
-    inverse[failed] = ((evecs * inv_evals.unsqueeze(-2)) @ evecs.mT).to(gram.dtype)
+    inverse[singular] = ((evecs * inv_evals.unsqueeze(-2)) @ evecs.mT).to(gram.dtype)
     return inverse
 
 
@@ -73,13 +89,13 @@ def preconditioned_directions(
 ) -> list[tuple[Tensor | None, Tensor | None]]:  # fmt: skip
     """The update directions ``(d_A, d_B)`` of LoRA pairs ``(A, B, blocks)`` with gradients ``(∇A, ∇B)``.
 
-    Shaped and typed like A and B; ``None`` where the gradient is ``None``. ``batched=False`` is the loop below, one
-    pair at a time; ``batched=True`` gives the same directions (up to float rounding) from batched calls per bucket
+    Shaped like A and B, in their :func:`direction_dtype`; ``None`` where the gradient is ``None``.
+    ``batched=False`` is the loop below, one pair at a time; ``batched=True`` gives the same directions (up to float rounding) from batched calls per bucket
     of alike factors (:func:`_batched_directions`), in buffers of ``workspace`` (kept by the caller for the same
     pairs). Sums of the directions are appended to ``sums``: a few scalars, all finite if every direction is.
     """
-    if not isinstance(reg, (int, float)) or reg != reg or reg < 0:
-        raise ValueError(f"reg must be a number >= 0, got {reg!r}")
+    if isinstance(reg, bool) or not isinstance(reg, (int, float)) or not math.isfinite(reg) or reg < 0:
+        raise ValueError(f"reg must be a finite number >= 0, got {reg!r}")
     if len(pairs) != len(grads):
         raise ValueError(f"got {len(grads)} gradient pairs for {len(pairs)} LoRA pairs")
     if batched:
@@ -91,10 +107,10 @@ def preconditioned_directions(
         d_A = d_B = None
         if grad_A is not None:
             d_A = inverse_gram(b.mT @ b, reg) @ _blocks(grad_A, k, dtype)  # (BᵀB + reg I)⁻¹ ∇A
-            d_A = d_A.reshape(A.shape).to(A.dtype)
+            d_A = d_A.reshape(A.shape).to(direction_dtype(A.dtype))
         if grad_B is not None:
             d_B = _blocks(grad_B, k, dtype) @ inverse_gram(a @ a.mT, reg)  # ∇B (AAᵀ + reg I)⁻¹
-            d_B = d_B.reshape(B.shape).to(B.dtype)
+            d_B = d_B.reshape(B.shape).to(direction_dtype(B.dtype))
         directions.append((d_A, d_B))
         if sums is not None:
             sums.extend(d.sum() for d in (d_A, d_B) if d is not None)
@@ -142,7 +158,7 @@ def _batched_directions(pairs: Sequence[Pair], grads: Sequence[Grads], reg: floa
         # each block as a matrix: partner B (m, r) and gradient ∇A (r, n) on side 0, A (r, n) and ∇B (m, r) on 1
         partner_block = (partner.shape[0] // k, partner.numel() // partner.shape[0])
         grad_block = (factor.shape[0] // k, factor.numel() // factor.shape[0])
-        out = work.empty("out", (count, *factor.shape), factor.dtype, device)
+        out = work.empty("out", (count, *factor.shape), direction_dtype(factor.dtype), device)
         partners, grad = [pairs[i][1 - side] for i in ids], [grads[i][side] for i in ids]
         if bucket.stacked:  # one chunk holding every block of the bucket
             partners = [torch.stack(partners, out=work.empty("partners", (count, *partner.shape), A.dtype, device))]

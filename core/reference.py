@@ -54,6 +54,10 @@ class _Float64Step:
             out[a], out[b] = (None if vectors[a] is None else d_a), (None if vectors[b] is None else d_b)
         return out
 
+    def _state_spec(self, p: Tensor) -> dict[str, torch.dtype | None]:
+        spec = {key: (None if dtype is None else torch.float64) for key, dtype in super()._state_spec(p).items()}
+        return spec | {"master": torch.float64}
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None

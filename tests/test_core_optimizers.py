@@ -280,8 +280,8 @@ def test_non_finite_gradient_raises_naming_the_parameter_and_changes_nothing(nam
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(reg=-1e-3), r"reg must be a number >= 0, got -0.001"),
-        (dict(lr=-1.0), r"lr must be a number >= 0, got -1.0"),
+        (dict(reg=-1e-3), r"reg must be a finite number >= 0, got -0.001"),
+        (dict(lr=-1.0), r"lr must be a finite number >= 0, got -1.0"),
         (dict(betas=(0.9, 1.5)), r"betas must be two numbers in \[0, 1\), got \(0.9, 1.5\)"),
         (dict(variant="theorem"), r"variant must be one of \['gradient', 'update'\], got 'theorem'"),
         (dict(betaz=0.9), r"unknown hyperparameter\(s\) \['betaz'\] for optimizer 'scaled_adamw'"),
@@ -370,7 +370,8 @@ def test_low_precision_parameters_train(dtype, variant):
         model(x).float().pow(2).mean().backward()
         opt.step()
     assert all(p.dtype == dtype for p in model.parameters())
-    assert all(s["exp_avg"].dtype == dtype for s in opt.state.values())
+    moments = torch.float32 if dtype == torch.float16 else dtype  # float16's squared gradients underflow
+    assert all(s["exp_avg"].dtype == s["exp_avg_sq"].dtype == moments for s in opt.state.values())
     moved = [not torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters()) if a.requires_grad]
     assert all(moved) and all(torch.isfinite(p).all() for p in model.parameters())
 
