@@ -21,6 +21,7 @@ from torch.optim.sgd import sgd
 from ._workspace import Workspace
 from .pairing import LoraPair, check_pair
 from .preconditioner import compute_dtype, preconditioned_directions
+from .sharded import all_finite, check_not_flattened, check_sharding, sharded_directions
 
 __all__ = ["ScaledGD", "ScaledAdamW", "NonFiniteGradientError", "sgd_update", "adam_normalised_step"]
 VARIANTS = ("gradient", "update")
@@ -153,6 +154,9 @@ class _LoraOptimizer(torch.optim.Optimizer):
     def _check_group(self, group: dict) -> None:
         for key in ("lr", "weight_decay", "reg"):
             _check_nonnegative(key, group[key])
+        if self.precondition:
+            check_not_flattened(group)
+        check_sharding(group)
 
     def _gradients(self, group: dict) -> list[Tensor | None]:
         grads = [p.grad for p in group["params"]]
@@ -164,6 +168,12 @@ class _LoraOptimizer(torch.optim.Optimizer):
     def _directions(self, gi: int, group: dict, vectors: list[Tensor | None], sums: list | None) -> list:
         """The update directions of ``vectors`` (one per parameter of the group, ``None`` where it has no gradient):
         preconditioned for the LoRA pairs, the vectors themselves (contiguous) for the other parameters."""
+        if self.precondition:  # an engine may have swapped the parameters since construction
+            check_not_flattened(group)
+        mesh = check_sharding(group)
+        if mesh is not None:  # DTensors of FSDP2: see core.sharded
+            plain_pairs = lambda pairs, grads: preconditioned_directions(pairs, grads, group["reg"])  # noqa: E731
+            return sharded_directions(group, vectors, self.precondition, mesh, sums, plain_pairs)
         directions, plain = list(vectors), range(len(vectors))
         if self.precondition and group["pairs"]:
             params, index_pairs = group["params"], group["pairs"]
@@ -202,8 +212,8 @@ class _LoraOptimizer(torch.optim.Optimizer):
         bad = {"gradient": [], "direction": []}
         for group, step in zip(self.param_groups, steps):
             for i, p, d in zip(step.indices, step.params, step.directions):
-                kind = "direction" if torch.isfinite(p.grad).all() else "gradient"
-                if kind == "gradient" or not torch.isfinite(d).all():
+                kind = "direction" if all_finite(p.grad) else "gradient"
+                if kind == "gradient" or not all_finite(d):
                     bad[kind].append(group["param_names"][i])
         names = {kind: ", ".join(n[:5]) + (" ..." if len(n) > 5 else "") for kind, n in bad.items()}
         if not any(bad.values()):
