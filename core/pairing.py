@@ -28,6 +28,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from .sharded import check_parameters_not_flattened
+
 __all__ = ["LoraPair", "PAIR_PATTERNS", "find_lora_pairs", "LoraPairingError"]
 
 
@@ -87,7 +89,9 @@ def _block_count(model: nn.Module, module_name: str) -> int:
 
 
 def check_pair(name: str, A: torch.Tensor, B: torch.Tensor, blocks: int = 1) -> None:
-    """Raise :class:`LoraPairingError` unless ``B @ A`` chains for ``blocks`` merged blocks."""
+    """Raise :class:`LoraPairingError` unless ``B @ A`` chains for ``blocks`` merged blocks (and
+    :class:`core.sharded.FlattenedParameterError` for a factor that an engine flattened)."""
+    check_parameters_not_flattened(((f"{name}.A", A), (f"{name}.B", B)))
     (a_rows, _), (b_rows, r) = _as_matrix_shape(A), _as_matrix_shape(B)
     if blocks < 1:
         raise LoraPairingError(f"LoRA pair '{name}': blocks must be >= 1, got {blocks}")

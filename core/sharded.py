@@ -31,7 +31,10 @@ from torch.distributed.tensor import DTensor, Shard
 
 from .preconditioner import compute_dtype, inverse_gram
 
-__all__ = ["all_finite", "FlattenedParameterError", "ShardingError", "check_not_flattened", "check_sharding", "sharded_directions"]
+__all__ = [
+    "FlattenedParameterError", "ShardingError", "all_finite", "check_not_flattened", "check_parameters_not_flattened",
+    "check_sharding", "sharded_directions",
+]  # fmt: skip
 
 SUPPORTED_ROUTES = (
     "DDP (torch.nn.parallel.DistributedDataParallel), FSDP2 (torch.distributed.fsdp.fully_shard on a 1-D mesh) or "
@@ -63,6 +66,14 @@ def flattened_error(what: str, engine: str | None) -> FlattenedParameterError:
         f"that the preconditioner needs; use {SUPPORTED_ROUTES} (plain 'adamw'/'sgd' are elementwise and do run "
         "on flat partitions)"
     )
+
+
+def check_parameters_not_flattened(named_parameters) -> None:
+    """Raise :class:`FlattenedParameterError` for the first of ``(name, parameter)`` that an engine flattened."""
+    for name, p in named_parameters:
+        engine = _engine(p)
+        if engine:
+            raise flattened_error(f"parameter '{name}' of shape {tuple(p.shape)}", engine)
 
 
 def check_not_flattened(group: dict) -> None:
