@@ -180,7 +180,8 @@ def _layout(index: int, A: DTensor, B: DTensor, blocks: int, names: tuple[str, s
             )
     a_rows_by_rank = [_rows(A.shape[0], world, i) for i in range(world)]
     return _ShardedPair(
-        index, blocks, B.shape[1], A[0].numel(), a_rows_by_rank[me], _rows(B.shape[0], world, me), a_rows_by_rank
+        index, blocks, B.shape[1], A.shape[1:].numel(), a_rows_by_rank[me], _rows(B.shape[0], world, me),
+        a_rows_by_rank,
     )
 
 
@@ -240,23 +241,44 @@ def _sharded_pair_directions(layouts, pairs, grads, reg: float, group) -> dict[i
         if g_B is not None:
             gather.append(A.to_local().detach().reshape(-1, lay.a_cols).to(dtype))
             gather_rows.append(lay.a_rows_by_rank)
-    grams, full = iter(_all_reduce(grams, group)), iter(_all_gather_rows(gather, gather_rows, group))
+    b_grams, full = iter(_all_reduce(grams, group)), iter(_all_gather_rows(gather, gather_rows, group))
+    grams, operands = [], []  # per pair: its Grams (BᵀB if ∇A, then AAᵀ if ∇B) and ∇A of all blocks
+    for lay, (A, B, k), (g_A, g_B) in zip(layouts, pairs, grads):
+        if g_A is not None:
+            grams.append(next(b_grams))
+            operands.append(next(full).view(k, lay.rank, lay.a_cols))
+        if g_B is not None:
+            a = next(full).view(k, lay.rank, lay.a_cols)
+            grams.append(a @ a.mT)
+    inverses = iter(_inverses(grams, reg))
+    operands = iter(operands)
     out = {}
     for lay, (A, B, k), (g_A, g_B) in zip(layouts, pairs, grads):
         d_A = d_B = None
-        if g_A is not None:
-            full_grad_A = next(full).view(k, lay.rank, lay.a_cols)
-            d = (inverse_gram(next(grams), reg) @ full_grad_A).view(k * lay.rank, lay.a_cols)  # (BᵀB + reg I)⁻¹ ∇A
+        if g_A is not None:  # this rank's rows of (BᵀB + reg I)⁻¹ ∇A
+            d = (next(inverses) @ next(operands)).view(k * lay.rank, lay.a_cols)
             d_A = d[lay.a_rows[0] : lay.a_rows[1]].to(A.dtype).view(A.to_local().shape)
-        if g_B is not None:
-            a = next(full).view(k, lay.rank, lay.a_cols)
-            inverse = inverse_gram(a @ a.mT, reg)  # (AAᵀ + reg I)⁻¹ of every block
+        if g_B is not None:  # ∇B (AAᵀ + reg I)⁻¹, row block by row block
+            inverse = next(inverses)
             g = g_B.to_local().reshape(-1, lay.rank).to(inverse.dtype)
             d = torch.empty_like(g)
             for j, rows in _block_slices(lay.b_rows, B.shape[0] // k, k):
                 torch.matmul(g[rows], inverse[j], out=d[rows])
             d_B = d.to(B.dtype).view(B.to_local().shape)
         out[lay.index] = [d_A, d_B]
+    return out
+
+
+def _inverses(grams: list[Tensor], reg: float) -> list[Tensor]:
+    """:func:`core.preconditioner.inverse_gram` of each (k, r, r) batch, one call per size r."""
+    by_rank: dict[int, list[int]] = {}
+    for i, gram in enumerate(grams):
+        by_rank.setdefault(gram.shape[-1], []).append(i)
+    out: list[Tensor] = [None] * len(grams)
+    for ids in by_rank.values():
+        inverse = inverse_gram(torch.cat([grams[i] for i in ids]), reg)
+        for i, chunk in zip(ids, inverse.split([grams[i].shape[0] for i in ids])):
+            out[i] = chunk
     return out
 
 

@@ -152,7 +152,7 @@ def main(out: str) -> None:
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
     )  # fmt: skip
-    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy
     from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -218,6 +218,14 @@ def main(out: str) -> None:
     columns.proj.lora_A = nn.Parameter(distribute_tensor(torch.randn(RANK, 6), mesh, [Shard(1)]))
     columns.proj.lora_B = nn.Parameter(distribute_tensor(torch.randn(6, RANK), mesh, [Shard(0)]))
     results["error_shard1"] = _error_of(lambda: build_optimizer(columns, "scaled_adamw"))
+    mixed = nn.Module()  # A sharded, its partner B a plain tensor
+    mixed.proj = nn.Module()
+    mixed.proj.lora_A = nn.Parameter(distribute_tensor(torch.randn(RANK, 6), mesh, [Shard(0)]))
+    mixed.proj.lora_B = nn.Parameter(torch.randn(6, RANK))
+    results["error_mixed"] = _error_of(lambda: build_optimizer(mixed, "scaled_adamw"))
+    reversed_mesh = DeviceMesh("cpu", list(range(world))[::-1])  # the same ranks in another order: another mesh
+    mixed.proj.lora_B = nn.Parameter(distribute_tensor(torch.randn(6, RANK), reversed_mesh, [Shard(0)]))
+    results["error_two_meshes"] = _error_of(lambda: build_optimizer(mixed, "scaled_adamw"))
     two_d = _sharded_model(mesh=init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard")))
     results["error_2d_mesh"] = _error_of(lambda: build_optimizer(two_d, "scaled_gd"))
     if rank == 0:

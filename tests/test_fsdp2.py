@@ -93,3 +93,9 @@ def test_fsdp2_other_placements_are_refused_naming_the_parameter(sharded):
     message = sharded["error_2d_mesh"]
     assert "'embed.lora_embedding_A.default'" in message and "Replicate(), Shard(dim=0)" in message
     assert "2-D mesh" in message
+    assert "'proj.lora_A' is a DTensor" in sharded["error_mixed"] and "'proj.lora_B' is a plain tensor" in sharded[
+        "error_mixed"
+    ]
+    assert "'proj.lora_B' is sharded on mesh" in sharded["error_two_meshes"] and "one device mesh" in sharded[
+        "error_two_meshes"
+    ]
