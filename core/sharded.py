@@ -255,9 +255,13 @@ def _sharded_pair_directions(layouts, pairs, grads, reg: float, group) -> dict[i
     out = {}
     for lay, (A, B, k), (g_A, g_B) in zip(layouts, pairs, grads):
         d_A = d_B = None
-        if g_A is not None:  # this rank's rows of (BᵀB + reg I)⁻¹ ∇A
-            d = (next(inverses) @ next(operands)).view(k * lay.rank, lay.a_cols)
-            d_A = d[lay.a_rows[0] : lay.a_rows[1]].to(A.dtype).view(A.to_local().shape)
+        if g_A is not None:  # this rank's rows of (BᵀB + reg I)⁻¹ ∇A: its rows of the inverse times ∇A
+            inverse, full_grad_A = next(inverses), next(operands)
+            d = full_grad_A.new_empty(lay.a_rows[1] - lay.a_rows[0], lay.a_cols)
+            for j, rows in _block_slices(lay.a_rows, lay.rank, k):
+                first = lay.a_rows[0] + rows.start - j * lay.rank  # the block's row of this rank's first row in it
+                torch.matmul(inverse[j, first : first + rows.stop - rows.start], full_grad_A[j], out=d[rows])
+            d_A = d.to(A.dtype).view(A.to_local().shape)
         if g_B is not None:  # ∇B (AAᵀ + reg I)⁻¹, row block by row block
             inverse = next(inverses)
             g = g_B.to_local().reshape(-1, lay.rank).to(inverse.dtype)
