@@ -9,6 +9,7 @@ from torch import nn
 
 from .optimizers import ScaledAdamW, ScaledGD
 from .pairing import find_lora_pairs
+from .sharded import check_parameters_not_flattened
 
 __all__ = ["build_optimizer", "OPTIMIZER_NAMES", "HPARAMS"]
 
@@ -74,6 +75,7 @@ def build_optimizer(
     paired: set[int] = set()
     scaled = name.startswith("scaled_")
     if scaled:
+        check_parameters_not_flattened(trainable)  # FSDP1's FlatParameter, DeepSpeed's partitions: no pairs left
         pairs = find_lora_pairs(module)
         if not pairs:
             raise ValueError(

@@ -25,6 +25,7 @@ from torch.optim.sgd import sgd
 from ._workspace import Workspace
 from .pairing import LoraPair, check_pair, pair_named_parameters
 from .preconditioner import compute_dtype, direction_dtype, preconditioned_directions
+from .sharded import all_finite, check_not_flattened, check_sharding, sharded_directions
 
 __all__ = ["ScaledGD", "ScaledAdamW", "NonFiniteGradientError", "sgd_update", "adam_normalised_step"]
 VARIANTS = ("gradient", "update")
@@ -207,6 +208,9 @@ class _LoraOptimizer(torch.optim.Optimizer):
     def _check_group(self, group: dict) -> None:
         for key in ("lr", "weight_decay", "reg"):
             _check_nonnegative(key, group[key])
+        if self.precondition:
+            check_not_flattened(group)
+        check_sharding(group)
 
     # -- load_state_dict: everything is checked before anything changes ----------------------------------------------
     _STATE_COMPLETE = True  # every entry of _state_spec is in a parameter's state once it has one
@@ -329,6 +333,12 @@ class _LoraOptimizer(torch.optim.Optimizer):
     def _directions(self, gi: int, group: dict, vectors: list[Tensor | None], sums: list | None) -> list:
         """The update directions of ``vectors`` (one per parameter of the group, ``None`` where it has no gradient):
         preconditioned for the LoRA pairs, the vectors themselves (contiguous) for the other parameters."""
+        if self.precondition:  # an engine may have swapped the parameters since construction
+            check_not_flattened(group)
+        mesh = check_sharding(group)
+        if mesh is not None:  # DTensors of FSDP2: see core.sharded
+            plain_pairs = lambda pairs, grads: preconditioned_directions(pairs, grads, group["reg"])  # noqa: E731
+            return sharded_directions(group, vectors, self.precondition, mesh, sums, plain_pairs)
         directions, plain = list(vectors), range(len(vectors))
         if self.precondition and group["pairs"]:
             params, index_pairs = group["params"], group["pairs"]
@@ -380,8 +390,8 @@ class _LoraOptimizer(torch.optim.Optimizer):
         bad = {"gradient": [], "value": [], "direction": []}
         for group, step in zip(self.param_groups, steps):
             for i, p, d in zip(step.indices, step.params, step.directions):
-                kind = "direction" if torch.isfinite(p.grad).all() else "gradient"
-                if kind == "gradient" or not torch.isfinite(d).all():
+                kind = "direction" if all_finite(p.grad) else "gradient"
+                if kind == "gradient" or not all_finite(d):
                     bad[kind].append(group["param_names"][i])
         for group in self.param_groups if bad["direction"] else []:  # a non-finite factor spoils its partner's
             factors = sorted({i for a, b, _ in group["pairs"] for i in (a, b)})

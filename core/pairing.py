@@ -29,6 +29,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from .sharded import check_parameters_not_flattened
+
 __all__ = ["LoraPair", "PAIR_PATTERNS", "find_lora_pairs", "pair_named_parameters", "LoraPairingError"]
 
 
@@ -96,7 +98,9 @@ def check_pair(name: str, A: torch.Tensor, B: torch.Tensor, blocks: int = 1, giv
     ``given_order``: the roles come from the order of a user's ``(A, B)`` tuple rather than from names, so a rank
     larger than the short side of a factor (r > min(m, n), which no LoRA pair has a use for) is reported as a pair
     that looks swapped.
+    Also :class:`core.sharded.FlattenedParameterError` for a factor that an engine flattened.
     """
+    check_parameters_not_flattened(((f"{name}.A", A), (f"{name}.B", B)))
     (a_rows, n), (b_rows, r) = _as_matrix_shape(name, "A", A), _as_matrix_shape(name, "B", B)
     if not isinstance(blocks, int) or blocks < 1:
         raise LoraPairingError(f"LoRA pair '{name}': blocks must be an integer >= 1, got {blocks!r}")

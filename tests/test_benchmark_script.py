@@ -37,3 +37,18 @@ def test_benchmark_rejects_fewer_than_one_round_quoting_the_value(rounds, capsys
     with pytest.raises(SystemExit):
         bench.main(["--rounds", rounds])
     assert f"--rounds must be at least 1, got {rounds}" in capsys.readouterr().err
+
+
+def test_sharded_benchmark_times_every_candidate_in_a_world_of_one(monkeypatch, tmp_path):
+    bench = load_module("benchmarks/sharded_step.py")
+    monkeypatch.setitem(bench.CASES, "tiny", ([(16, 8), (16, 24)], 2, 2))
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    out = tmp_path / "sharded.md"
+    text = bench.main(["--cases", "tiny", "--rounds", "2", "--steps", "2", "--out", str(out)])
+    assert out.read_text() == text + "\n"
+    assert "# command: python benchmarks/sharded_step.py --cases tiny" in text
+    assert "torchrun --nproc_per_node N benchmarks/sharded_step.py --device cuda" in text
+    (row,) = [line for line in text.splitlines() if line.startswith("| tiny |")]
+    assert row.count(" ms [") == 4 and row.endswith("x |")
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "tpu"])
