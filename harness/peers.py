@@ -4,7 +4,9 @@
 * ``loraplus``: PEFT's ``create_loraplus_optimizer`` (AdamW with B's learning rate ``loraplus_lr_ratio`` x A's).
 * ``lora_rite``: ``pytorch_optimizer.LoRARite`` (ICLR 2025), fed the pairs of :func:`core.find_lora_pairs` in the
   left/right order it expects; the non-LoRA trainable parameters (a classifier head, say) get AdamW in the same
-  optimizer, since LoRA-RITE pairs every two parameters of a group.
+  optimizer, since LoRA-RITE pairs every two parameters of a group. Its own options pass through
+  (:data:`LORA_RITE_OPTIONS`); the factor layout (``lora_l_dim`` / ``lora_r_dim``) follows from the pairing and is
+  not an option.
 
 PEFT and pytorch_optimizer are imported when a peer is built, not when this module is: ``import harness`` stays
 light for the experiments that never use a peer.
@@ -20,14 +22,21 @@ from torch.optim.adamw import adamw
 
 from core import find_lora_pairs
 
-__all__ = ["PEER_NAMES", "PEER_HPARAMS", "build_peer"]
+__all__ = ["PEER_NAMES", "PEER_HPARAMS", "LORA_RITE_OPTIONS", "build_peer"]
 
 PEER_NAMES = ("peft_riemannian", "loraplus", "lora_rite")
 _ADAM = {"lr", "betas", "eps", "weight_decay"}
+# pytorch_optimizer.LoRARite's options besides AdamW's (its defaults in parentheses): relative_epsilon (False: scale
+# eps by the largest second-moment eigenvalue), clip_unmagnified_grad (1.0, 0 = off), update_capping (0.0 = off),
+# update_skipping (1.0, 0 = off), apply_escape (False), maybe_inf_to_nan (True), balance_param (False).
+LORA_RITE_OPTIONS = {
+    "relative_epsilon", "clip_unmagnified_grad", "update_capping", "update_skipping", "apply_escape",
+    "maybe_inf_to_nan", "balance_param",
+}  # fmt: skip
 PEER_HPARAMS: dict[str, set[str]] = {
     "peft_riemannian": _ADAM | {"reg"},
     "loraplus": _ADAM | {"loraplus_lr_ratio"},
-    "lora_rite": _ADAM,
+    "lora_rite": _ADAM | LORA_RITE_OPTIONS,
 }
 
 
@@ -74,6 +83,12 @@ def build_peer(model: nn.Module | Mapping[str, nn.Module], name: str, **hparams:
     if name not in PEER_HPARAMS:
         raise ValueError(f"unknown peer optimizer '{name}'; expected one of {list(PEER_NAMES)}")
     unknown = sorted(set(hparams) - PEER_HPARAMS[name])
+    layout = sorted({"lora_l_dim", "lora_r_dim"} & set(unknown)) if name == "lora_rite" else []
+    if layout:
+        raise ValueError(
+            f"{layout} cannot be set for 'lora_rite': the factors are passed as A (rank first) and B (rank last), "
+            "the layout of core.find_lora_pairs"
+        )
     if unknown:
         raise ValueError(
             f"unknown hyperparameter(s) {unknown} for optimizer '{name}'; expected some of {sorted(PEER_HPARAMS[name])}"

@@ -34,10 +34,12 @@ from main_figures.lr_robustness import is_swept, lr_robustness_figure  # noqa: E
 from main_figures.metrics import records_of  # noqa: E402
 from main_figures.peers import PEER_PRESETS, has_peer_records, peers_table  # noqa: E402
 from main_figures.theory_figures import theory_figure, theory_table  # noqa: E402
+from main_figures import width_figures  # noqa: E402
 
 # The commands that produce each experiment's results (shown when they are missing): CPU first, then paper scale.
 PRODUCERS: dict[str, str] = {
     "theory": "python main_figures/theory.py",
+    "width": "python main_figures/width.py",
     "gpt2_e2e": "bash GPT-2/scripts/cpu_lr_sweep.sh && bash GPT-2/scripts/cpu_peers.sh "
     "(GPU, paper scale: GPT-2/README.md)",
     "gpt2_runtime": "bash GPT-2/scripts/runtime.sh",
@@ -126,6 +128,22 @@ def _theory_table(results: Path, out: Path) -> None:
     out.write_text(theory_table(records_of(results, "theory")))
 
 
+def _width(function: Callable, study: str = "width") -> Callable[[Path, Path], None]:
+    """A product of ``width_figures`` from the records of one study: a figure function (records, path) or a table
+    function (records) -> str; missing while the study has no records."""
+
+    def build(results: Path, out: Path) -> None:
+        records = records_of(results, "width")
+        if not any(r.tags.get("study") == study for r in records):
+            raise MissingSource(f"no '{study}' study in the width records; run: python main_figures/width.py")
+        if out.suffix == ".md":
+            out.write_text(function(records))
+        else:
+            function(records, out)
+
+    return build
+
+
 def _peers(results: Path, out: Path) -> None:
     out.write_text(peers_table(results))
 
@@ -151,6 +169,19 @@ PRODUCTS: tuple[Product, ...] = (
             "main_figures/theory_figures.py:theory_figure"),
     Product("theory_table", "Theory: iterations table", ("theory",), "theory_table.md", _theory_table,
             "main_figures/theory_figures.py:theory_table"),
+    Product("width_transfer", "Width: loss vs learning rate per width", ("width",), "width_transfer.png",
+            _width(width_figures.width_transfer_figure), "main_figures/width_figures.py:width_transfer_figure"),
+    Product("width_optimal_lr", "Width: best learning rate vs width", ("width",), "width_optimal_lr.png",
+            _width(width_figures.width_optimal_lr_figure), "main_figures/width_figures.py:width_optimal_lr_figure"),
+    Product("width_feature_update", "Width: feature update at the best learning rate", ("width",),
+            "width_feature_update.png", _width(width_figures.width_feature_figure),
+            "main_figures/width_figures.py:width_feature_figure"),
+    Product("width_table", "Width: slopes and best learning rates", ("width",), "width_table.md",
+            _width(width_figures.width_table), "main_figures/width_figures.py:width_table"),
+    Product("lora_scale", "LoRA scale: best learning rate vs alpha / r", ("width",), "lora_scale.png",
+            _width(width_figures.lora_scale_figure, "lora_scale"), "main_figures/width_figures.py:lora_scale_figure"),
+    Product("lora_scale_table", "LoRA scale: best learning rates", ("width",), "lora_scale_table.md",
+            _width(width_figures.lora_scale_table, "lora_scale"), "main_figures/width_figures.py:lora_scale_table"),
     Product("peers", "Peers side by side (small presets)", tuple(e for e, _, _ in PEER_PRESETS), "peers.md", _peers,
             "main_figures/peers.py:peers_table"),
 )  # fmt: skip

@@ -1,4 +1,4 @@
-"""The CPU reproduction in one command: the theory experiment, the small real runs, then every figure and table.
+"""The CPU reproduction in one command: the theory and width experiments, the small real runs, then every figure and table.
 
     python main_figures/reproduce_cpu.py                      # the default steps, in order (about 45 min)
     python main_figures/reproduce_cpu.py --all                # also the peers, loss curves, runtime, SGD sweep
@@ -39,12 +39,14 @@ def _bash(*scripts: str, extra: tuple[str, ...] = ()) -> tuple[list[list[str]], 
 
 
 def default_steps(python: str = sys.executable) -> list[Step]:
-    """The reproduction: theory, the small real runs of GPT-2/ (SmolLM2 on E2E) and Mistral-7B/ (MiniLM on SST-2)
+    """The reproduction: theory, width, the small real runs of GPT-2/ (SmolLM2 on E2E) and Mistral-7B/ (MiniLM on SST-2)
     through their committed sweep scripts, then every figure and table. The default steps take about 45 minutes
     on a small CPU; the peers, the loss curves, the runtime case and the SGD sweep add about an hour more."""
     return [
         Step("theory", "theory experiment: GD vs scaled GD (and AdamW vs scaled AdamW) across condition numbers",
              [[python, "main_figures/theory.py"]], ["main_figures/theory.py"]),
+        Step("width", "width experiment: best learning rate vs width n (Theorem 4.1) and vs the LoRA scaling",
+             [[python, "main_figures/width.py"]], ["main_figures/width.py"]),
         Step("gpt2_table1", "SmolLM2-135M on E2E, Table 1: the four optimizers at their paper learning rates",
              *_bash("GPT-2/scripts/cpu_table1.sh")),
         Step("gpt2_lr", "SmolLM2-135M on E2E: LR sweep of AdamW vs scaled AdamW (1e-5 to 1e-2)",
