@@ -74,7 +74,7 @@ def load_model(cfg: DictConfig, num_labels: int):
 def load_data(cfg: DictConfig, tokenizer):
     """Tokenised train split and dev splits ({split name: dataset})."""
     task = cfg.task.name
-    raw = glue_data.load_glue(task, root=cfg.data.root, hub_id=cfg.data.hub_id)
+    raw = glue_data.load_glue(task, root=cfg.data.root, hub_path=cfg.data.hub_path)
     raw["train"] = glue_data.subsample(raw["train"], cfg.data.max_train_samples, cfg.seed)
     splits = glue_data.eval_splits(task)
     for split in splits:
