@@ -135,7 +135,8 @@ def load_splits(data_cfg: Any) -> dict[str, list[tuple[str, str]]]:
     else:
         root = Path(data_cfg.root)
         if not root.is_dir():
-            raise FileNotFoundError(f"data.root={str(root)!r} is not a folder (set data.root=null to read data.hub_path)")
+            raise FileNotFoundError(f"data.root={str(root)!r} is not a folder "
+                                    "(set data.root=null to read data.hub_path)")
         splits = {}
         for split in SPLITS:
             name = data_cfg[split]
@@ -184,6 +185,12 @@ class E2EDataset(torch.utils.data.Dataset):
         if not pairs:
             raise ValueError("E2EDataset got no (mr, ref) pairs")
         self.examples = [encode_pair(tokenizer, mr, ref, max_length) for mr, ref in pairs]
+        # a pair cut before its reference has no loss term; a batch of such pairs would give a NaN loss
+        empty = [i for i, ex in enumerate(self.examples) if all(label == -100 for label in ex["labels"])]
+        if empty:
+            raise ValueError(f"{len(empty)} of {len(pairs)} E2E pairs keep no reference token within "
+                             f"max_length={max_length} (the prompt '<mr> ||' fills it, e.g. {pairs[empty[0]][0]!r}); "
+                             "raise data.max_length")
 
     def __len__(self) -> int:
         return len(self.examples)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import math
 import sys
+import time
 from functools import partial
 from pathlib import Path
 
@@ -132,17 +133,21 @@ def main(cfg: DictConfig) -> float:
     if keep and best["state"] is not None:
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.load_state_dict(best["state"], strict=False)
+        start = time.perf_counter()
         hyps = beam_decode(unwrapped, tokenizer, [mrs[i] for i in keep], num_beams=int(cfg.decode.num_beams),
                            length_penalty=float(cfg.decode.length_penalty),
                            no_repeat_ngram_size=int(cfg.decode.no_repeat_ngram_size),
                            max_new_tokens=int(cfg.decode.max_new_tokens), batch_size=int(cfg.decode.batch_size))
+        final["decode_time_s"] = time.perf_counter() - start
         pred_path = recorder.path.parent / "predictions" / f"{recorder.path.stem}.tsv"
         pred_path.parent.mkdir(parents=True, exist_ok=True)
         with pred_path.open("w", encoding="utf-8", newline="") as f:  # the TGen file's layout: MR, output
             csv.writer(f, delimiter="\t").writerows([("MR", "output")] + [(mrs[i], h) for i, h in zip(keep, hyps)])
         import e2e_metrics
 
+        start = time.perf_counter()
         final.update(e2e_metrics.score_corpus(hyps, [refs[i] for i in keep]))
+        final["score_time_s"] = time.perf_counter() - start
         final["test_mrs"] = len(keep)
     path = recorder.finish(final_metrics=final)
     print(f"record: {path}\n" + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
