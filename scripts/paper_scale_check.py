@@ -61,16 +61,19 @@ class CheckFailed(RuntimeError):
     """A paper-scale check found a result other than the expected one."""
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-            "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled"), "TOKENIZERS_PARALLELISM": "false"}
+def _env(threads: int | None) -> dict[str, str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled"), "TOKENIZERS_PARALLELISM": "false"}
+    if threads:  # torch's CPU threads in the child processes (read at start-up)
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    return env
 
 
-def _run(cmd: list[str], log: Path) -> float:
+def _run(cmd: list[str], log: Path, threads: int | None = None) -> float:
     """Run ``cmd``, its output into ``log``; return the wall time. A failure shows the end of the log."""
     start = time.perf_counter()
     with log.open("w") as f:
-        proc = subprocess.run(cmd, cwd=REPO, env=_env(), stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, cwd=REPO, env=_env(threads), stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode:
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-40:])
         raise CheckFailed(f"{' '.join(cmd[:3])} ... exited with {proc.returncode} (log {log}):\n{tail}")
@@ -140,7 +143,7 @@ def part_gpt2(args: argparse.Namespace) -> Iterator[str]:
                "data.root=null", f"data.hub_path={hub}", "train.max_steps=3", "data.test_mrs=2",
                f"results_dir={results}", f"run_name={run_name}", "tags.preset=paper_scale_check",
                f"hydra.run.dir={args.workdir / 'hydra' / name}", *args.gpt2_override]
-        wall = _run(cmd, args.workdir / f"gpt2_{name}.log")
+        wall = _run(cmd, args.workdir / f"gpt2_{name}.log", args.threads)
         rec = json.loads((results / "gpt2_e2e" / f"{run_name}.json").read_text())
         final = rec["final_metrics"]
         layers = (rec["config"]["model"]["config"] or {}).get("n_layer")  # set by an override (quick checks)
@@ -171,7 +174,7 @@ def part_gpt2_seq512(args: argparse.Namespace) -> list[str]:
     code = ("import resource, runpy, sys; sys.argv = " + repr(argv) + "; runpy.run_path(sys.argv[0], "
             "run_name='__main__'); print('peak_rss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
     log = args.workdir / "gpt2_seq512.log"
-    wall = _run([sys.executable, "-c", code], log)
+    wall = _run([sys.executable, "-c", code], log, args.threads)
     peak = int(log.read_text().rsplit("peak_rss_kb", 1)[1].split()[0]) / 1e6
     (path,) = (results / "gpt2_runtime").glob("*.json")
     rec = json.loads(path.read_text())
@@ -263,6 +266,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--seq512-batch", type=int, default=2, help="sequences of the gpt2_seq512 step (paper: 8)")
     parser.add_argument("--gpt2-override", nargs="*", default=[],
                         help="extra Hydra overrides for GPT-2/train.py (e.g. 'model.config={n_layer: 1}')")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads of the GPT-2 processes (OMP_NUM_THREADS; default: torch's choice)")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a new temporary one)")
     parser.add_argument("--list", action="store_true", help="list the parts and exit")
     args = parser.parse_args(argv)
@@ -280,7 +285,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args.workdir.mkdir(parents=True, exist_ok=True)
     import torch
 
-    print(f"paper-scale check: {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+    threads = args.threads or torch.get_num_threads()
+    print(f"paper-scale check: {os.cpu_count()} CPUs, torch {torch.__version__} ({threads} threads), "
           f"CUDA {'yes' if torch.cuda.is_available() else 'no'}; scratch {args.workdir}", flush=True)
     times = {}
     for name in args.parts:

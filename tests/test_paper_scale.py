@@ -83,7 +83,7 @@ def test_e2e_pair_cut_before_its_reference_is_a_clear_error(data_root):
 def test_the_gpt2_check_through_train_py_with_one_layer(tmp_path, data_root):
     """The check's gpt2 part (paper config through GPT-2/train.py, hub-layout data, decoding, scoring), 1 layer."""
     lines = list(check.part_gpt2(argparse.Namespace(
-        data_root=data_root, workdir=tmp_path, optimizers=["scaled_gd"],
+        data_root=data_root, workdir=tmp_path, optimizers=["scaled_gd"], threads=1,
         gpt2_override=["model.config={n_layer: 1}", "data.max_length=64", "decode.max_new_tokens=8"])))
     assert len(lines) == 1 and lines[0].startswith("scaled_gd: 16,384 trainable; steps ")
     rec = json.loads((tmp_path / "results" / "gpt2_e2e" / "paper_scale_scaled_gd.json").read_text())
