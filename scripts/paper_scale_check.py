@@ -19,7 +19,7 @@ Parts:
   train (minus 2 held-out MRs), 16 pairs of the held-out MRs as validation and the official test set.
   Records go to ``<workdir>/results``, never to ``results/``.
 * ``gpt2_seq512``: ``GPT-2/runtime.py`` at the full sequence length 512 (``--seq512-batch`` sequences, random
-  tokens, scaled AdamW, r 4): time and peak memory of one step. (E2E pairs are about 60-130 tokens and
+  tokens, scaled AdamW, r 4): time and peak memory of one step. (E2E dev pairs are 66 tokens median, 134 at most;
   ``train.py`` pads a batch to its longest pair, so the ``gpt2`` part's batches are 8 x that, not 8 x 512.)
 * ``mistral``: ``Mistral-7B/train.py``'s classifier + LoRA (r 16 on q, k, v, o, gate) on the real Mistral-7B
   configuration, built on the meta device (``train.empty_model``); the trainable-parameter count against the one
@@ -34,7 +34,6 @@ import importlib
 import importlib.util
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
