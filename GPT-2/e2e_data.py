@@ -1,10 +1,16 @@
-"""E2E NLG data: reading the splits (local folder or Hugging Face hub), grouping references by MR, tokenising.
+"""E2E NLG data: reading the splits (local folder or the hub's parquet files), grouping references by MR, tokenising.
 
 A split is a list of ``(mr, ref)`` pairs. Two local file formats are read, chosen by the file's extension:
 
 * ``.txt``: the LoRA/GPT-2 line format ``MR||reference`` (one pair a line, e.g. ``e2e/valid.txt``);
 * ``.csv``: the original E2E challenge CSVs with ``mr`` and ``ref`` columns (e.g. ``e2e/devset.csv``,
   ``e2e/testset_w_refs.csv``), optionally with a byte-order mark.
+
+The hub source is the parquet export of the original dataset (``tuetschek/e2e_nlg`` at revision
+``refs/convert/parquet``: ``default/<split>/0000.parquet`` with columns ``meaning_representation`` and
+``human_reference``; ``datasets`` >= 4 no longer runs the dataset's loading script). ``data.hub_path`` names the
+folder holding ``<split>/*.parquet``: an ``hf://`` path, or a local folder laid out the same way, read by the same
+code (:func:`write_hub_layout` writes one).
 
 The test set is scored per distinct MR against *all* its references: :func:`group_by_mr` groups pairs by the exact
 MR string, in order of first appearance (the order the official E2E script uses). Each training example is the
@@ -95,7 +101,7 @@ def split_paths(data_cfg: Any) -> dict[str, Path]:
         if not (root / name).is_file():
             raise FileNotFoundError(
                 f"E2E {split} split not found: {root / name} (data.{split}={name!r} under data.root={str(root)!r}; "
-                "set data.root=null to read the hub dataset data.hub_name instead)"
+                "set data.root=null to read the parquet files under data.hub_path instead)"
             )
         paths[split] = root / name
     if "train" not in paths or "test" not in paths:
@@ -111,17 +117,53 @@ def scored_test_set(test_pairs: Sequence[tuple[str, str]], n: int | None) -> tup
     return [mrs[i] for i in keep], [refs[i] for i in keep]
 
 
+def hub_split_pattern(hub_path: str, split: str) -> str:
+    """The parquet files of one split under ``hub_path`` (the hub's export layout ``<split>/*.parquet``)."""
+    return f"{str(hub_path).rstrip('/')}/{split}/*.parquet"
+
+
+def load_hub_splits(hub_path: str) -> dict[str, list[tuple[str, str]]]:
+    """All three splits as ``(mr, ref)`` pairs from the parquet files under ``hub_path`` (``hf://`` or local).
+
+    A local folder is checked before anything is read: each split needs ``<hub_path>/<split>/*.parquet``.
+    """
+    if "://" not in str(hub_path):
+        root = Path(hub_path)
+        missing = [s for s in SPLITS if not sorted((root / s).glob("*.parquet"))]
+        if missing:
+            raise FileNotFoundError(
+                f"data.hub_path={str(hub_path)!r} has no parquet files for split(s) {missing}: expected the hub "
+                "export's layout <hub_path>/<split>/0000.parquet (columns meaning_representation, human_reference)")
+    from datasets import load_dataset  # imported here: only the hub path needs it
+
+    data = load_dataset("parquet", data_files={s: hub_split_pattern(hub_path, s) for s in SPLITS})
+    return {s: pairs_from_hub(data[s]) for s in SPLITS}
+
+
+def write_hub_layout(folder: str | Path, splits: dict[str, Sequence[tuple[str, str]]]) -> Path:
+    """Write ``(mr, ref)`` pairs as the hub's parquet export lays them out: ``<folder>/<split>/0000.parquet``
+    with the original dataset's columns. ``data.hub_path=<folder>`` then reads them like the hub."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = Path(folder)
+    for split, pairs in splits.items():
+        (folder / split).mkdir(parents=True, exist_ok=True)
+        table = pa.table({"meaning_representation": [mr for mr, _ in pairs], "human_reference": [r for _, r in pairs]})
+        pq.write_table(table, folder / split / "0000.parquet")
+    return folder
+
+
 def load_splits(data_cfg: Any) -> dict[str, list[tuple[str, str]]]:
     """All three splits as ``(mr, ref)`` pairs, read as ``data_cfg`` says (see ``conf/config.yaml``, ``data:``).
 
-    ``root`` null -> the hub dataset ``hub_name``; otherwise the files ``train``/``validation``/``test`` under
-    ``root``. A null ``validation`` file holds out the last ``holdout_mrs`` distinct training MRs (with all their
-    references) as the validation split, so selection never sees a training MR.
+    ``root`` null -> the parquet files under ``hub_path`` (:func:`load_hub_splits`); otherwise the files
+    ``train``/``validation``/``test`` under ``root``. A null ``validation`` file holds out the last ``holdout_mrs``
+    distinct training MRs (with all their references) as the validation split, so selection never sees a training
+    MR.
     """
     if data_cfg.root is None:
-        from datasets import load_dataset  # imported here: only the hub path needs it
-
-        splits = {s: pairs_from_hub(load_dataset(data_cfg.hub_name, split=s)) for s in SPLITS}
+        splits = load_hub_splits(data_cfg.hub_path)
     else:
         splits = {split: read_pairs(path) for split, path in split_paths(data_cfg).items()}
     if "validation" not in splits:
@@ -159,6 +201,12 @@ class E2EDataset(torch.utils.data.Dataset):
         if not pairs:
             raise ValueError("E2EDataset got no (mr, ref) pairs")
         self.examples = [encode_pair(tokenizer, mr, ref, max_length) for mr, ref in pairs]
+        # a pair cut before its reference has no loss term; a batch of such pairs would give a NaN loss
+        empty = [i for i, ex in enumerate(self.examples) if all(label == -100 for label in ex["labels"])]
+        if empty:
+            raise ValueError(f"{len(empty)} of {len(pairs)} E2E pairs keep no reference token within "
+                             f"max_length={max_length} (the prompt '<mr> ||' fills it, e.g. {pairs[empty[0]][0]!r}); "
+                             "raise data.max_length")
 
     def __len__(self) -> int:
         return len(self.examples)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
+import time
 from functools import partial
 from pathlib import Path
 
@@ -166,12 +167,15 @@ def run(cfg: DictConfig, accelerator, recorder: harness.RunRecorder | None) -> f
         if mrs and best["state"] is not None:
             unwrapped = accelerator.unwrap_model(model)
             unwrapped.load_state_dict(best["state"], strict=False)
+            start = time.perf_counter()
             hyps = beam_decode(unwrapped, tokenizer, mrs, num_beams=int(cfg.decode.num_beams),
                                length_penalty=float(cfg.decode.length_penalty),
                                no_repeat_ngram_size=int(cfg.decode.no_repeat_ngram_size),
                                max_new_tokens=int(cfg.decode.max_new_tokens), batch_size=int(cfg.decode.batch_size))
+            final["decode_time_s"] = time.perf_counter() - start
             with recorder.output_file("predictions", ".tsv") as tmp:  # atomic, named after the record, listed in it
                 e2e_metrics.write_predictions(tmp, mrs, hyps)
+            start = time.perf_counter()
             try:
                 final.update(e2e_metrics.score_corpus(hyps, refs))
             except Exception:
@@ -179,6 +183,7 @@ def run(cfg: DictConfig, accelerator, recorder: harness.RunRecorder | None) -> f
                       f"predictions; score them later with: python GPT-2/evaluate.py --record {recorder.write_path}",
                       file=sys.stderr)
                 raise
+            final["score_time_s"] = time.perf_counter() - start
             final["test_mrs"] = len(mrs)
         path = recorder.finish(final_metrics=final)
         print(f"record: {path}\n" + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"

@@ -6,6 +6,12 @@ QQP, STS-B, MNLI, QNLI, RTE, WNLI) or the lower-case task name (`sst2`, as in ..
 its own column layout; columns are found by header name (with the hub's names accepted too), CoLA's
 header-less files by position. String labels get the hub's ids (mnli: entailment 0, neutral 1,
 contradiction 2; qnli/rte: entailment 0, not_entailment 1), so local and hub data are interchangeable.
+
+Hub layout (`nyu-mll/glue`, parquet on its main branch): `<hub_path>/<task>/<split>-00000-of-00001.parquet`
+(MNLI's train in several shards; splits train, validation or validation_matched/validation_mismatched, test) with
+the columns of `TaskLayout.hub_text`, `label` (a ClassLabel with the ids above) and `idx`. `hub_path` is an
+`hf://datasets/...` path or a local folder laid out the same way (`write_hub_layout` writes one); both are read by
+the same code, never through a dataset loading script.
 """
 from __future__ import annotations
 
@@ -133,6 +139,14 @@ def read_tsv(path: str | Path, task: str) -> dict[str, list]:
     return cols
 
 
+HUB_PATH = "hf://datasets/nyu-mll/glue"
+
+
+def hub_split_pattern(hub_path: str, task: str, split: str) -> str:
+    """The parquet files of one split of `task` under `hub_path` (the hub's layout `<task>/<split>-*.parquet`)."""
+    return f"{str(hub_path).rstrip('/')}/{task}/{split}-*.parquet"
+
+
 def split_files(root: str | Path, task: str) -> list[tuple[str, Path]]:
     """``(split name, file)`` of the train and dev splits of `task` under a GLUE-format `root`, each checked to
     exist (a clear FileNotFoundError otherwise): what a run checks before it loads anything."""
@@ -145,10 +159,11 @@ def split_files(root: str | Path, task: str) -> list[tuple[str, Path]]:
     return files
 
 
-def load_glue(task: str, root: str | Path | None = None, hub_id: str = "nyu-mll/glue"):
+def load_glue(task: str, root: str | Path | None = None, hub_path: str = HUB_PATH):
     """The train and dev splits of `task` as a datasets.DatasetDict with columns text1, [text2], label.
 
-    root: a GLUE-format folder, or None to load `hub_id` from the Hugging Face hub (needs network or cache).
+    root: a GLUE-format folder, or None to read the parquet files of `task` under `hub_path` (an `hf://` path,
+    which needs the network or the cache, or a local folder laid out like the hub).
     """
     from datasets import Dataset, DatasetDict, load_dataset
 
@@ -156,7 +171,14 @@ def load_glue(task: str, root: str | Path | None = None, hub_id: str = "nyu-mll/
     splits = [("train", "train.tsv"), *layout.dev_files]
     if root is not None:
         return DatasetDict({name: Dataset.from_dict(read_tsv(path, task)) for name, path in split_files(root, task)})
-    hub = load_dataset(hub_id, task)
+    files = {name: hub_split_pattern(hub_path, task, name) for name, _ in splits}
+    if "://" not in str(hub_path):
+        missing = [n for n, pattern in files.items() if not sorted(Path(pattern).parent.glob(Path(pattern).name))]
+        if missing:
+            raise FileNotFoundError(f"data.hub_path={str(hub_path)!r} has no parquet files for {task} split(s) "
+                                    f"{missing}: expected the hub's layout <hub_path>/{task}/<split>-00000-of-00001"
+                                    ".parquet")
+    hub = load_dataset("parquet", data_files=files)
     t1, t2 = layout.hub_text
     out = DatasetDict()
     for name, _ in splits:
@@ -165,6 +187,36 @@ def load_glue(task: str, root: str | Path | None = None, hub_id: str = "nyu-mll/
             ds = ds.rename_column(t2, "text2")
         out[name] = ds.remove_columns([c for c in ds.column_names if c not in ("text1", "text2", "label")])
     return out
+
+
+# The hub's label names per task (ClassLabel ids in this order); stsb's label is a float score.
+HUB_LABEL_NAMES = {
+    "cola": ("unacceptable", "acceptable"), "sst2": ("negative", "positive"),
+    "mrpc": ("not_equivalent", "equivalent"), "qqp": ("not_duplicate", "duplicate"),
+    "mnli": ("entailment", "neutral", "contradiction"), "qnli": ("entailment", "not_entailment"),
+    "rte": ("entailment", "not_entailment"), "wnli": ("not_entailment", "entailment"),
+}
+
+
+def write_hub_layout(folder: str | Path, task: str, splits: dict[str, dict[str, list]]) -> Path:
+    """Write the splits of `task` ({split: columns under the hub's names}) as the hub lays them out:
+    `<folder>/<task>/<split>-00000-of-00001.parquet`, with `label` a ClassLabel of the hub's names (a float for
+    stsb) and `idx` int32. `load_glue(task, hub_path=folder)` then reads them like the hub."""
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    task = check_task(task)
+
+    def feature(column: str):
+        if column == "label":
+            return Value("float32") if task == "stsb" else ClassLabel(names=list(HUB_LABEL_NAMES[task]))
+        return Value("int32") if column == "idx" else Value("string")
+
+    folder = Path(folder)
+    (folder / task).mkdir(parents=True, exist_ok=True)
+    for split, columns in splits.items():
+        features = Features({c: feature(c) for c in columns})
+        Dataset.from_dict(columns, features=features).to_parquet(folder / task / f"{split}-00000-of-00001.parquet")
+    return folder
 
 
 def subsample(ds, n: int | None, seed: int):

@@ -61,44 +61,100 @@ def preflight(cfg: DictConfig) -> None:
         glue_data.split_files(cfg.data.root, cfg.task.name)
     if is_local_path(cfg.model.name_or_path):
         require_path(cfg.model.name_or_path, "model.name_or_path")
-    if cfg.quantize:
-        require_bitsandbytes()
+    check_quantize(cfg)
     require_writable_folder(Path(cfg.results_dir) / EXPERIMENT, "results folder")
     require_writable_folder(cfg.output_dir, "output_dir (the Trainer's scratch folder)")
 
 
-def load_model(cfg: DictConfig, num_labels: int):
-    """Tokenizer and LoRA-wrapped sequence classifier (optionally 4-bit quantized)."""
-    from accelerate import PartialState
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+def check_quantize(cfg: DictConfig) -> None:
+    """quantize=true needs bitsandbytes and a CUDA GPU (the 4-bit weights are placed on this process's GPU):
+    stop with a clear message before anything is loaded where either is missing."""
+    if not cfg.quantize:
+        return
+    gpu = "train.use_cpu=true" if cfg.train.use_cpu else None if torch.cuda.is_available() else "no CUDA GPU is visible"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError("quantize=true needs bitsandbytes (pip install bitsandbytes) and a CUDA GPU; bitsandbytes "
+                          f"is not installed{f' and {gpu}' if gpu else ''}. Use quantize=false to load the model "
+                          "unquantized")
+    if gpu:
+        raise RuntimeError(f"quantize=true needs a CUDA GPU for the 4-bit NF4 weights, but {gpu}; use quantize=false "
+                           "to load the model unquantized")
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path)
+
+def model_dtype(cfg: DictConfig) -> torch.dtype:
+    """The torch dtype named by `cfg.model.dtype`."""
     dtype = getattr(torch, str(cfg.model.dtype), None)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"model.dtype must name a torch dtype (float32, bfloat16, ...), got {cfg.model.dtype!r}")
-    kwargs = {"num_labels": num_labels, "dtype": dtype}
+    return dtype
+
+
+def model_kwargs(cfg: DictConfig, num_labels: int) -> dict:
+    """The keyword arguments of `from_pretrained` for the classifier: labels, dtype and the 4-bit config."""
+    kwargs = {"num_labels": num_labels, "dtype": model_dtype(cfg)}
     if cfg.quantize:
+        from accelerate import PartialState
+
         kwargs.update(quantization_config=nf4_config(), device_map={"": PartialState().local_process_index})
-    model = AutoModelForSequenceClassification.from_pretrained(cfg.model.name_or_path, **kwargs)
-    if cfg.model.pad_token == "eos":  # Mistral has no pad token
+    return kwargs
+
+
+def set_pad_token(cfg: DictConfig, tokenizer, model) -> None:
+    """model.pad_token=eos: pad with the eos token (Mistral has no pad token); null keeps the tokenizer's."""
+    if cfg.model.pad_token == "eos":
         if tokenizer.eos_token is None:
             raise ValueError(f"model.pad_token=eos but {cfg.model.name_or_path} has no eos token; use null")
         tokenizer.pad_token = tokenizer.eos_token
         model.config.pad_token_id = tokenizer.eos_token_id
     elif cfg.model.pad_token is not None:
         raise ValueError(f"model.pad_token must be 'eos' or null, got {cfg.model.pad_token!r}")
+
+
+def add_lora(cfg: DictConfig, model):
+    """The PEFT LoRA of `cfg.lora` on `model` (task_type SEQ_CLS also trains the classifier head)."""
+    from peft import LoraConfig, get_peft_model
+
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, bias="none",
                       target_modules=list(cfg.lora.target_modules), task_type=cfg.lora.task_type)
-    model = get_peft_model(model, lora)
+    return get_peft_model(model, lora)
+
+
+def load_model(cfg: DictConfig, num_labels: int):
+    """Tokenizer and LoRA-wrapped sequence classifier (optionally 4-bit quantized)."""
+    check_quantize(cfg)
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path)
+    model = AutoModelForSequenceClassification.from_pretrained(cfg.model.name_or_path,
+                                                               **model_kwargs(cfg, num_labels))
+    set_pad_token(cfg, tokenizer, model)
+    model = add_lora(cfg, model)
     model.print_trainable_parameters()
     return tokenizer, model
+
+
+def empty_model(cfg: DictConfig, num_labels: int, config=None):
+    """The LoRA-wrapped classifier of `cfg` on the meta device (no weights are read or allocated), built from
+    `config` (a transformers config; default: the one of `cfg.model.name_or_path`): the architecture, the LoRA
+    factors and the trainable-parameter count of the full-size run, for checks on machines that cannot load it.
+    The base layers stay unquantized (4-bit loading needs the weights and a GPU); the LoRA factors and the
+    classifier head, the trainable part, have the same shapes either way."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = config if config is not None else AutoConfig.from_pretrained(cfg.model.name_or_path)
+    config.num_labels = num_labels
+    if cfg.model.pad_token == "eos":  # what set_pad_token does once the tokenizer is loaded
+        config.pad_token_id = config.eos_token_id
+    with init_empty_weights():
+        model = AutoModelForSequenceClassification.from_config(config, dtype=model_dtype(cfg))
+        return add_lora(cfg, model)
 
 
 def load_data(cfg: DictConfig, tokenizer):
     """Tokenised train split and dev splits ({split name: dataset})."""
     task = cfg.task.name
-    raw = glue_data.load_glue(task, root=cfg.data.root, hub_id=cfg.data.hub_id)
+    raw = glue_data.load_glue(task, root=cfg.data.root, hub_path=cfg.data.hub_path)
     raw["train"] = glue_data.subsample(raw["train"], cfg.data.max_train_samples, cfg.seed)
     splits = glue_data.eval_splits(task)
     for split in splits:

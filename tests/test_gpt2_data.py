@@ -14,7 +14,7 @@ PAIRS = [("name[A], food[Thai]", "A serves Thai food."), ("name[B]", "B is here.
 
 
 def data_cfg(root, **over):
-    base = {"root": str(root) if root is not None else None, "hub_name": "e2e_nlg", "train": "train.txt",
+    base = {"root": str(root) if root is not None else None, "hub_path": None, "train": "train.txt",
             "validation": "valid.csv", "test": "test.csv", "holdout_mrs": 0, "train_examples": None,
             "validation_examples": None, "test_mrs": None, "max_length": 32}
     return OmegaConf.create({**base, **over})

@@ -175,17 +175,11 @@ def test_subsample_is_fixed_and_sized(glue_root):
     ("sst2", ("sentence",), ("train", "validation", "test")),
     ("qqp", ("question1", "question2"), ("train", "validation", "test")),
 ])
-def test_hub_columns_are_normalised(monkeypatch, task, text_cols, splits):
-    """The hub path (no download: datasets.load_dataset is replaced by the hub's layout built in code)."""
-    import datasets
-
-    def fake_load_dataset(path, name):
-        assert (path, name) == ("nyu-mll/glue", task)
-        row = {**{c: [f"{c} text"] for c in text_cols}, "label": [1], "idx": [0]}
-        return datasets.DatasetDict({s: datasets.Dataset.from_dict(row) for s in splits})
-
-    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    data = glue_data.load_glue(task)
+def test_hub_columns_are_normalised(tmp_path, task, text_cols, splits):
+    """The hub path (no download: a local folder laid out like the hub's parquet files)."""
+    row = {**{c: [f"{c} text"] for c in text_cols}, "label": [1], "idx": [0]}
+    glue_data.write_hub_layout(tmp_path, task, {s: row for s in splits})
+    data = glue_data.load_glue(task, hub_path=str(tmp_path))
     assert set(data) == {"train", *glue_data.eval_splits(task)}  # the unlabelled test splits are left out
     expected = ["text1", "label"] if len(text_cols) == 1 else ["text1", "text2", "label"]
     for split in data.values():
