@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -330,11 +331,23 @@ def is_finished(path: Path) -> bool:
         return False
 
 
+def _is_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return False
+    return True
+
+
 def run_job(cfg: dict, job: Job) -> tuple[Path, RunResult | None]:
     """Run one job and write its record, or skip it (``None``) when a finished record exists."""
     path = record_path(cfg["results_dir"], job)
     if is_finished(path):
         return path, None
+    if path.is_file() and not _is_json(path):  # a damaged file is kept beside, never overwritten, and reported
+        damaged = path.with_name(path.name + ".damaged")
+        os.replace(path, damaged)
+        print(f"warning: {path} was not valid JSON; kept as {damaged}, the run is redone", file=sys.stderr)
     optim = _series_optim(cfg, job.series)
     name = optim.pop("name")
     config = {k: cfg[k] for k in ("problem", "steps", "diverge_at", "threads")}

@@ -257,7 +257,7 @@ PARTS = {"hub_data": part_hub_data, "gpt2": part_gpt2, "gpt2_seq512": part_gpt2_
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    import core
+    import harness
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--parts", nargs="+", default=list(PARTS), help=f"some of {list(PARTS)} (default: all)")
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     unknown = sorted(set(args.parts) - set(PARTS)) + sorted(set(args.optimizers) - set(OPTIMIZERS))
     if unknown:
         parser.error(f"unknown part(s) or optimizer(s) {unknown}; parts: {list(PARTS)}, optimizers: {OPTIMIZERS}")
-    args.data_root = core.default_data_root()
+    args.data_root = harness.default_data_root()
     if not args.data_root.is_dir():
         parser.error(f"shared data folder {args.data_root} not found (set RPLORA_DATA)")
     args.workdir = Path(args.workdir or tempfile.mkdtemp(prefix="paper_scale_check_"))

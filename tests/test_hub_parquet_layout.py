@@ -2,18 +2,16 @@
 ``e2e_nlg``) and GLUE (``nyu-mll/glue``), pointed at local folders laid out like the hub, built here from the
 shared data. Nothing is downloaded."""
 
-import importlib
-import sys
-from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "GPT-2"), str(ROOT / "Mistral-7B")]
-e2e_data = importlib.import_module("e2e_data")
-e2e_metrics = importlib.import_module("e2e_metrics")
-glue_data = importlib.import_module("glue_data")
+from harness import REPO_ROOT as ROOT
+from harness import load_module
+
+e2e_data = load_module(ROOT / "GPT-2" / "e2e_data.py")
+e2e_metrics = load_module(ROOT / "GPT-2" / "e2e_metrics.py")
+glue_data = load_module(ROOT / "Mistral-7B" / "glue_data.py")
 
 
 def hub_cfg(hub_path, **over):
@@ -124,7 +122,7 @@ def test_glue_hub_layout_missing_split_is_named(tmp_path):
 def test_glue_default_hub_path_is_the_parquet_repository():
     from hydra import compose, initialize_config_dir
 
-    glue_data.register_resolvers()
+    load_module(ROOT / "Mistral-7B" / "config_groups.py").register_config_groups()
     with initialize_config_dir(config_dir=str(ROOT / "Mistral-7B" / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=["task=mnli"])
     assert cfg.data.root is None and cfg.data.hub_path == "hf://datasets/nyu-mll/glue"
