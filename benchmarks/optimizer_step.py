@@ -152,6 +152,19 @@ def table(case_times: dict[str, dict[str, list[float]]], candidates: list[str], 
     return lines
 
 
+def checked_rounds_steps_cases(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """The ``--cases`` list, after a clear parser error for a bad ``--rounds``, ``--steps`` or case name."""
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    if args.steps < 2:
+        parser.error(f"--steps must be at least 2 (the first step of a round is the cold one), got {args.steps}")
+    cases = args.cases.split(",")
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        parser.error(f"unknown case(s) {unknown}; expected some of {list(CASES)}")
+    return cases
+
+
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=8, help="timed rounds (each candidate runs --steps per round)")
@@ -161,14 +174,7 @@ def main(argv=None) -> str:
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, help="also write the tables to this file")
     args = parser.parse_args(argv)
-    if args.rounds < 1:
-        parser.error(f"--rounds must be at least 1, got {args.rounds}")
-    if args.steps < 2:
-        parser.error(f"--steps must be at least 2 (the first step of a round is the cold one), got {args.steps}")
-    cases = args.cases.split(",")
-    unknown = [c for c in cases if c not in CASES]
-    if unknown:
-        parser.error(f"unknown case(s) {unknown}; expected some of {list(CASES)}")
+    cases = checked_rounds_steps_cases(parser, args)
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from core import build_optimizer  # noqa: E402
 from harness import hardware_info  # noqa: E402
-from optimizer_step import CASES, LoraFactors  # noqa: E402
+from optimizer_step import CASES, LoraFactors, checked_rounds_steps_cases  # noqa: E402
 
 CANDIDATES = ("sharded_adamw", "sharded_scaled_adamw", "single_adamw", "single_scaled_adamw")
 HPARAMS = dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
@@ -123,14 +123,7 @@ def main(argv=None) -> str | None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads per process (CPU)")
     parser.add_argument("--out", type=Path, help="also write the table to this file (rank 0)")
     args = parser.parse_args(argv)
-    if args.rounds < 1:
-        parser.error(f"--rounds must be at least 1, got {args.rounds}")
-    if args.steps < 2:
-        parser.error(f"--steps must be at least 2 (the first step of a round is not timed), got {args.steps}")
-    cases = args.cases.split(",")
-    unknown = [c for c in cases if c not in CASES]
-    if unknown:
-        parser.error(f"unknown case(s) {unknown}; expected some of {list(CASES)}")
+    cases = checked_rounds_steps_cases(parser, args)
     if args.device not in ("cpu", "cuda"):
         parser.error(f"--device must be cpu or cuda, got {args.device!r}")
     torch.set_num_threads(args.threads)

@@ -217,7 +217,7 @@ class _LoraOptimizer(torch.optim.Optimizer):
 
     def _state_spec(self, p: Tensor) -> dict[str, torch.dtype | None]:
         """The per-parameter state entries of ``p`` and their dtypes (``None``: a step count)."""
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__} defines no state layout (_state_spec)")
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state saved by :meth:`state_dict`, after checking all of it against this optimizer.
