@@ -11,7 +11,7 @@ import it where it is used, or live in :mod:`harness.diffusion`.
 
 from .experiments import load_module
 from .loop import RecorderCallback, TrainingDiverged, train_loop
-from .optimizers import ALL_OPTIMIZERS, HPARAMS, OPTIMIZER_NAMES, PEER_NAMES, build_optimizer
+from .optimizers import ALL_OPTIMIZERS, HPARAMS, OPTIMIZER_NAMES, PEER_NAMES, build_optimizer, trainer_optimizer
 from .paths import REPO_ROOT, default_data_root, require_path
 from .peers import build_peer
 from .records import SCHEMA_VERSION, RunRecord, RunRecorder, default_run_name, hardware_info, load_records
@@ -21,7 +21,7 @@ from .seeding import seed_everything
 register_resolvers()
 
 __all__ = [
-    "build_optimizer", "OPTIMIZER_NAMES", "PEER_NAMES", "ALL_OPTIMIZERS", "HPARAMS", "build_peer",
+    "build_optimizer", "trainer_optimizer", "OPTIMIZER_NAMES", "PEER_NAMES", "ALL_OPTIMIZERS", "HPARAMS", "build_peer",
     "RunRecorder", "RunRecord", "load_records", "hardware_info", "default_run_name", "SCHEMA_VERSION",
     "train_loop", "RecorderCallback", "TrainingDiverged",
     "REPO_ROOT", "default_data_root", "require_path", "register_resolvers", "seed_everything", "load_module",
