@@ -4,6 +4,7 @@
 
     schema_version, experiment, optimizer, hparams, seed, config, tags, run_name, command, created,
     hardware {device, cpu, gpu, torch, threads},
+    launch {world_size, batch_per_process, grad_accum, global_batch} (how it ran; {} in older records),
     steps [{step, loss, lr, time_s, ...}], evals [{step, ...}], final_metrics {...}, step_time_s (median time_s)
     status (optional: running | done | diverged | failed | interrupted; absent in older records)
 
@@ -75,6 +76,7 @@ class RunRecord:
     created: str = ""
     schema_version: int = SCHEMA_VERSION
     status: str | None = None  # one of RUN_STATUSES; None in records written before the field existed
+    launch: dict[str, Any] = field(default_factory=dict)  # harness.launch_info(); {} in older records
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> "RunRecord":
@@ -147,7 +149,9 @@ class RunRecorder:
         tags: dict[str, Any] | None = None,
         run_name: str | None = None,
         wandb: dict[str, Any] | bool | None = None,
+        launch: dict[str, Any] | None = None,
     ):
+        """``launch`` (:func:`harness.launch_info`): the processes and the per-process and global batch."""
         tags = dict(tags or {})
         if run_name is None:
             run_name = default_run_name(optimizer, hparams, seed, tags)
@@ -156,7 +160,7 @@ class RunRecorder:
             experiment=experiment, optimizer=optimizer, hparams=_plain(dict(hparams)), seed=int(seed),
             config=_plain(dict(config or {})), tags=_plain(tags), run_name=run_name, hardware=hardware_info(),
             command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"), launch=_plain(dict(launch or {})),
         )  # fmt: skip
         self._wandb = None
         if wandb:
