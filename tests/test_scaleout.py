@@ -20,6 +20,8 @@ import core
 import harness
 from harness import REPO_ROOT
 from _tiny import tiny_peft_llama
+from test_mistral_train import glue_root, tiny_cfg, tiny_mistral  # noqa: F401 (fixtures)
+from test_mistral_train import train_mod as mistral_train
 
 TESTS = Path(__file__).resolve().parent
 PYTHONPATH = os.pathsep.join([str(REPO_ROOT), str(TESTS)])
@@ -34,9 +36,10 @@ def free_port() -> int:
 
 def torchrun(script: Path, *args: str, nproc: int = 2, cwd: Path | None = None, timeout: int = 300,
              **env: str) -> subprocess.CompletedProcess:
-    """``torchrun --nproc_per_node nproc script args`` with this checkout on the path and one thread a process."""
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": PYTHONPATH, "HF_HUB_OFFLINE": "1",
-                   "WANDB_MODE": "disabled", **env}
+    """``torchrun --nproc_per_node nproc script args`` with this checkout on the path and one thread a process, as
+    a user starts it (no ``ACCELERATE_USE_CPU``)."""
+    environment = {**{k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}, "OMP_NUM_THREADS": "1",
+                   "PYTHONPATH": PYTHONPATH, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", **env}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
            str(script), *args]
     return subprocess.run(cmd, cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout)
@@ -179,3 +182,116 @@ def test_the_trainer_route_under_two_process_ddp_equals_one_process(tmp_path):
 @pytest.mark.parametrize("name", ["adamw"])
 def test_the_trainer_route_under_fsdp2_equals_one_process(tmp_path, name):
     run_trainer_route(tmp_path, name, "fsdp2", rtol=1e-4, atol=1e-5)
+
+
+def test_mistral_train_builds_its_optimizer_through_the_trainer_factory(tmp_path, tiny_mistral, glue_root,
+                                                                       monkeypatch):
+    """No optimizers=(opt, sched), which Trainer refuses under FSDP: the factory, and Trainer's own scheduler."""
+    from transformers import Trainer
+
+    seen = []
+    create_optimizer = Trainer.create_optimizer
+    monkeypatch.setattr(Trainer, "create_optimizer",
+                        lambda self, *a, **kw: seen.append(self) or create_optimizer(self, *a, **kw))
+    mistral_train.train(tiny_cfg(tmp_path, tiny_mistral, glue_root, "optim=scaled_adamw", "train.max_steps=2",
+                                 "train.scheduler=cosine"))
+    (trainer,) = set(seen)
+    factory, hparams = trainer.optimizer_cls_and_kwargs
+    assert repr(factory) == "trainer_optimizer('scaled_adamw')" and hparams["reg"] == 4.5
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    assert sum(len(g["pairs"]) for g in optimizer.param_groups) == 10  # q, k, v, o, gate in 2 layers
+    assert type(trainer.lr_scheduler).__name__ == "LambdaLR" and trainer.args.lr_scheduler_type == "cosine"
+    record = json.loads(next((tmp_path / "results" / "glue").glob("*.json")).read_text())
+    assert record["launch"] == {"world_size": 1, "batch_per_process": 2, "grad_accum": 1, "global_batch": 2}
+    assert "world_size" not in record["tags"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Multi-process experiment runs
+
+def test_launch_info_and_the_world_size_tag():
+    launch = harness.launch_info(4, batch_per_process=8, grad_accum=2)
+    assert launch == {"world_size": 4, "batch_per_process": 8, "grad_accum": 2, "global_batch": 64}
+    one = harness.launch_info(1, 8)
+    assert harness.record_tags({"preset": "tiny"}, one) == {"preset": "tiny"}
+    tags = harness.record_tags({"preset": "tiny"}, launch)
+    assert tags == {"preset": "tiny", "world_size": 4}
+    names = {harness.default_run_name("adamw", {"lr": 1e-3}, 0, t) for t in ({"preset": "tiny"}, tags)}
+    assert len(names) == 2
+    with pytest.raises(ValueError, match="tags.world_size=2 is set by the launch"):
+        harness.record_tags({"world_size": 2}, launch)
+
+
+def test_accelerate_cpu_launch_with_several_processes_is_a_clear_error(monkeypatch):
+    for key in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")  # what `accelerate launch --cpu --num_processes 2` sets
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    with pytest.raises(RuntimeError, match="accelerate's --cpu launcher starts one process"):
+        harness.check_launch()
+    with pytest.raises(RuntimeError, match="torchrun --nproc_per_node N"):
+        harness.make_accelerator()
+    monkeypatch.delenv("MASTER_PORT")  # accelerate launch --cpu with one process
+    assert harness.check_launch() == 1
+
+
+def test_an_accelerator_that_does_not_join_the_launched_processes_is_a_clear_error(monkeypatch):
+    import accelerate
+
+    class Alone:  # what accelerate sets up when it does not join torchrun's processes
+        num_processes, distributed_type = 1, "DistributedType.NO"
+
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+    monkeypatch.setattr(accelerate, "Accelerator", Alone)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert harness.needs_cpu_backend()
+    with pytest.raises(RuntimeError, match="the launcher started 2 processes but accelerate joined 1"):
+        harness.make_accelerator()
+
+
+def test_the_mean_loss_over_processes():
+    class TwoRanks:
+        num_processes = 2
+
+        def reduce(self, value, reduction):
+            assert reduction == "mean"
+            return (value + 3.0) / 2  # the other rank's loss is 3
+
+    loss = torch.tensor(1.0)
+    assert harness.loop.mean_over_processes(loss) is loss
+    assert harness.loop.mean_over_processes(loss, TwoRanks()).item() == 2.0
+
+
+GPT2_EQUAL_RUN = ("preset=tiny", "data.test_mrs=0", "optim.lr=1e-2", "lora.dropout=0", "+model.config.resid_pdrop=0",
+                  "+model.config.embd_pdrop=0", "+model.config.attn_pdrop=0")  # no dropout: the same maths
+
+
+@pytest.mark.slow
+def test_gpt2_with_two_processes_writes_one_record_equal_to_one_process_with_the_global_batch(tmp_path, data_root):
+    """torchrun without ACCELERATE_USE_CPU on a CPU: real DDP over gloo, rank 0 writes the one record; its step
+    losses (the mean over ranks) and validation losses are the one-process run's with the same global batch."""
+    script = REPO_ROOT / "GPT-2" / "train.py"
+    done = torchrun(script, *GPT2_EQUAL_RUN, "train.batch_size=2", f"results_dir={tmp_path / 'two'}",
+                    f"hydra.run.dir={tmp_path / 'hydra2'}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = subprocess.run([sys.executable, str(script), *GPT2_EQUAL_RUN, "train.batch_size=4",
+                          f"results_dir={tmp_path / 'one'}", f"hydra.run.dir={tmp_path / 'hydra1'}"], cwd=tmp_path,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"},
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    (two_path,) = (tmp_path / "two" / "gpt2_e2e").glob("*.json")
+    (one_path,) = (tmp_path / "one" / "gpt2_e2e").glob("*.json")
+    two, single = json.loads(two_path.read_text()), json.loads(one_path.read_text())
+    assert two["launch"] == {"world_size": 2, "batch_per_process": 2, "grad_accum": 1, "global_batch": 4}
+    assert single["launch"] == {"world_size": 1, "batch_per_process": 4, "grad_accum": 1, "global_batch": 4}
+    assert two["tags"] == {"preset": "tiny", "world_size": 2} and single["tags"] == {"preset": "tiny"}
+    assert two_path.stem == one_path.stem + "_world_size-2"
+    assert [e["step"] for e in two["evals"]] == [e["step"] for e in single["evals"]] == [2, 3]
+    valid_two, valid_one = ([e["valid_loss"] for e in r["evals"]] for r in (two, single))
+    assert abs(valid_one[1] - valid_one[0]) > 100 * 1e-5  # the steps move the loss far more than the tolerance
+    assert valid_two == pytest.approx(valid_one, abs=1e-5)
+    assert [s["loss"] for s in two["steps"]] == pytest.approx([s["loss"] for s in single["steps"]], abs=1e-5)
