@@ -295,3 +295,58 @@ def test_gpt2_with_two_processes_writes_one_record_equal_to_one_process_with_the
     assert abs(valid_one[1] - valid_one[0]) > 100 * 1e-5  # the steps move the loss far more than the tolerance
     assert valid_two == pytest.approx(valid_one, abs=1e-5)
     assert [s["loss"] for s in two["steps"]] == pytest.approx([s["loss"] for s in single["steps"]], abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sweeps through the shared submitit launchers (harness/conf/hydra/launcher/)
+
+EXPERIMENTS = ("GPT-2", "Mistral-7B", "Mix-of-Show", "Object_Generation")
+
+
+def compose_hydra(experiment: str, *overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO_ROOT / experiment / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=True).hydra
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_the_one_shared_slurm_and_local_launchers(experiment):
+    assert not (REPO_ROOT / experiment / "conf" / "hydra").exists()  # one definition, in harness/conf
+    slurm = compose_hydra(experiment, "hydra/launcher=slurm", "hydra.launcher.partition=gpu",
+                          "hydra.launcher.gpus_per_task=2", "hydra.launcher.timeout_min=30",
+                          "hydra.launcher.array_parallelism=4").launcher
+    assert slurm._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (slurm.partition, slurm.gpus_per_task, slurm.timeout_min, slurm.array_parallelism) == ("gpu", 2, 30, 4)
+    assert compose_hydra(experiment, "hydra/launcher=slurm").launcher.partition is None  # the cluster's default
+    local = compose_hydra(experiment, "hydra/launcher=local").launcher
+    assert local._target_.endswith("submitit_launcher.LocalLauncher") and local.timeout_min == 240
+    callbacks = compose_hydra(experiment).callbacks
+    assert callbacks.import_path._target_ == "harness.launchers.ExportImportPath"
+
+
+def test_the_sweep_jobs_import_path_holds_the_entry_points_folder_and_the_repository(monkeypatch):
+    from harness.launchers import ExportImportPath, import_path
+
+    monkeypatch.setattr(sys.modules["__main__"], "__file__", str(REPO_ROOT / "GPT-2" / "train.py"), raising=False)
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    assert import_path() == [str(REPO_ROOT / "GPT-2"), str(REPO_ROOT), "/elsewhere"]
+    ExportImportPath().on_multirun_start(config=None)
+    assert os.environ["PYTHONPATH"] == os.pathsep.join(import_path())
+
+
+@pytest.mark.slow
+def test_an_lr_sweep_through_the_local_submitit_launcher_writes_a_record_per_job(tmp_path, data_root):
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    environment.pop("PYTHONPATH", None)  # what the jobs import comes from the sweep's callback, not from pytest
+    done = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "GPT-2" / "train.py"), "-m", "preset=tiny", "optim=adamw", "data.test_mrs=0",
+         "optim.lr=1e-3,1e-2", "hydra/launcher=local", f"results_dir={tmp_path / 'results'}",
+         f"hydra.sweep.dir={tmp_path / 'multirun'}"],
+        cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "Submitit 'local' sweep output dir" in done.stdout + done.stderr
+    records = [json.loads(p.read_text()) for p in sorted((tmp_path / "results" / "gpt2_e2e").glob("*.json"))]
+    assert sorted(r["hparams"]["lr"] for r in records) == [1e-3, 1e-2]
+    assert all(r["launch"]["world_size"] == 1 and len(r["steps"]) == 3 for r in records)
+    assert len(list((tmp_path / "multirun" / ".submitit").glob("*/*_0_log.out"))) == 2  # two submitit jobs
