@@ -14,6 +14,7 @@ import torch
 from accelerate import Accelerator
 from omegaconf import OmegaConf
 
+from ..distributed import launch_info, make_accelerator, record_tags
 from ..paths import require_path
 from ..records import RunRecorder
 from ..seeding import seed_everything
@@ -25,7 +26,8 @@ __all__ = ["start_run", "load_lora_components", "concept_folder", "make_recorder
 
 def start_run(cfg) -> tuple[Accelerator, Path, Path]:
     """The opening of a diffusion run: seed (``cfg.seed``), torch CPU threads (``cfg.threads``; null: torch's
-    default), the accelerator; returns ``(accelerator, data_root, results_dir)`` = ``cfg.data.root`` and
+    default), the accelerator (:func:`harness.make_accelerator`: the processes the launcher started, or a clear
+    error); returns ``(accelerator, data_root, results_dir)`` = ``cfg.data.root`` and
     ``cfg.results_dir`` as paths."""
     seed_everything(cfg.seed)
     if cfg.threads:
@@ -33,7 +35,7 @@ def start_run(cfg) -> tuple[Accelerator, Path, Path]:
     if cfg.data.root is None:
         raise ValueError("data.root is null: set it to the folder holding concepts/ and gpt2-tokenizer/ "
                          "(default ${data_root:}: $RPLORA_DATA or <repo>/../shared/data)")
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    accelerator = make_accelerator(mixed_precision=cfg.train.mixed_precision)
     return accelerator, Path(cfg.data.root).expanduser(), Path(cfg.results_dir).expanduser()
 
 
@@ -57,15 +59,17 @@ def concept_folder(cfg, data_root: str | Path) -> Path:
 def make_recorder(cfg, experiment: str, optimizer: str, hparams: dict, results_dir: str | Path, accelerator,
                   **extra_hparams):
     """The run's :class:`harness.RunRecorder`: the optimizer's hyperparameters, the text-encoder/UNet settings and
-    ``extra_hparams``; the tags of ``cfg.tags`` (``preset``) with concept, text_lr (and variant); ``cfg.wandb`` on
-    the main process only."""
+    ``extra_hparams``; the tags of ``cfg.tags`` (``preset``) with concept, text_lr (and variant), and world_size
+    with several processes (:func:`harness.record_tags`); ``cfg.wandb`` on the main process only."""
+    launch = launch_info(accelerator.num_processes, cfg.train.batch_size)
     return RunRecorder(
         results_dir, experiment, optimizer=optimizer, seed=cfg.seed,
         hparams={**hparams, "text_lr": cfg.text_lr, "text_reg": cfg.text_reg, "unet_reg": cfg.unet_reg,
                  "fusion_scale": cfg.fusion_scale, "steps": cfg.train.steps, **extra_hparams},
         config=OmegaConf.to_container(cfg, resolve=True),
-        tags={**OmegaConf.to_container(cfg.tags, resolve=True), "concept": cfg.concept.name, "text_lr": cfg.text_lr,
-              **({"variant": cfg.variant} if cfg.variant else {})},
+        tags=record_tags({**OmegaConf.to_container(cfg.tags, resolve=True), "concept": cfg.concept.name,
+                          "text_lr": cfg.text_lr, **({"variant": cfg.variant} if cfg.variant else {})}, launch),
+        launch=launch,
         wandb=OmegaConf.to_container(cfg.wandb) if cfg.wandb and accelerator.is_main_process else None,
     )  # fmt: skip
 
