@@ -7,7 +7,9 @@ the accelerator set up for it, and what the run's record says about it.
 
 The launches that start several processes, and what each sets: ``torchrun --nproc_per_node N`` and
 ``accelerate launch --multi_gpu --num_processes N`` (``torch.distributed.run``) set ``WORLD_SIZE``, ``RANK`` and
-``LOCAL_RANK``. ``accelerate launch --cpu --num_processes N`` does not: with ``--cpu`` accelerate always takes its
+``LOCAL_RANK``. A submitit job with several tasks (``hydra.launcher.tasks_per_node=N``) starts N processes that
+know their task numbers only (``SUBMITIT_*`` / ``SLURM_*``): :func:`check_launch` exports torch's variables from
+them (``submitit.helpers.TorchDistributedEnvironment``), so the tasks train as one run. ``accelerate launch --cpu --num_processes N`` does not: with ``--cpu`` accelerate always takes its
 simple launcher, which starts one process (several only through ``--mpirun_hostfile``) and sets ``MASTER_ADDR`` /
 ``MASTER_PORT`` for an MPI launcher it did not start. On a machine without CUDA, accelerate sets up
 ``torch.distributed`` only when told to run on the CPU (``Accelerator(cpu=True)`` or ``ACCELERATE_USE_CPU``);
@@ -21,8 +23,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["launched_world_size", "check_launch", "needs_cpu_backend", "make_accelerator", "launch_info",
-           "record_tags"]  # fmt: skip
+__all__ = ["launched_world_size", "join_submitit_tasks", "check_launch", "needs_cpu_backend", "make_accelerator",
+           "launch_info", "record_tags"]  # fmt: skip
 
 _MPI_WORLD_SIZES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 _WORKING_LAUNCHES = ("torchrun --nproc_per_node N SCRIPT ... (or accelerate launch --multi_gpu --num_processes N "
@@ -37,12 +39,27 @@ def launched_world_size() -> int:
     return 1
 
 
+def join_submitit_tasks() -> None:
+    """Inside a submitit job with several tasks and no ``WORLD_SIZE``: export ``MASTER_ADDR``, ``MASTER_PORT``,
+    ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE`` from the job's task numbers."""
+    if not os.environ.get("SUBMITIT_EXECUTOR") or os.environ.get("WORLD_SIZE"):
+        return
+    import submitit
+    from submitit.helpers import TorchDistributedEnvironment
+
+    if submitit.JobEnvironment().num_tasks > 1:
+        # each task keeps every GPU of its node visible: accelerate picks cuda:LOCAL_RANK
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
 def check_launch() -> int:
     """Stop on a launch that would not run what was asked for; return the number of processes it started.
 
     ``accelerate launch --cpu --num_processes N`` (N > 1) starts one process that trains alone with one process'
-    batch: that is a ``RuntimeError`` naming the launches that work, before anything is loaded.
+    batch: that is a ``RuntimeError`` naming the launches that work, before anything is loaded. The tasks of a
+    submitit job are joined first (:func:`join_submitit_tasks`).
     """
+    join_submitit_tasks()
     world_size = launched_world_size()
     started_by_accelerate_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
     if world_size == 1 and started_by_accelerate_cpu and os.environ.get("MASTER_PORT"):

@@ -350,3 +350,32 @@ def test_an_lr_sweep_through_the_local_submitit_launcher_writes_a_record_per_job
     assert sorted(r["hparams"]["lr"] for r in records) == [1e-3, 1e-2]
     assert all(r["launch"]["world_size"] == 1 and len(r["steps"]) == 3 for r in records)
     assert len(list((tmp_path / "multirun" / ".submitit").glob("*/*_0_log.out"))) == 2  # two submitit jobs
+
+
+def test_the_tasks_of_a_submitit_job_are_joined_as_one_run(monkeypatch):
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(key, "")  # recorded, so that what the join exports is removed after the test
+        monkeypatch.delenv(key)
+    task = {"SUBMITIT_EXECUTOR": "local", "SUBMITIT_LOCAL_JOB_ID": "4242", "SUBMITIT_LOCAL_NTASKS": "2",
+            "SUBMITIT_LOCAL_JOB_NUM_NODES": "1", "SUBMITIT_LOCAL_NODEID": "0", "SUBMITIT_LOCAL_GLOBALID": "1",
+            "SUBMITIT_LOCAL_LOCALID": "1"}  # task 1 of a 2-task local job
+    for key, value in task.items():
+        monkeypatch.setenv(key, value)
+    assert harness.check_launch() == 2
+    assert (os.environ["RANK"], os.environ["LOCAL_RANK"], os.environ["LOCAL_WORLD_SIZE"]) == ("1", "1", "2")
+    assert os.environ["MASTER_PORT"] and os.environ["MASTER_ADDR"]
+
+
+@pytest.mark.slow
+def test_a_sweep_job_with_two_tasks_is_one_two_process_run(tmp_path, data_root):
+    """hydra.launcher.tasks_per_node=2: the two tasks join as one DDP run (gloo here) and write one record."""
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    done = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "GPT-2" / "train.py"), "-m", "preset=tiny", "optim=adamw", "data.test_mrs=0",
+         "hydra/launcher=local", "hydra.launcher.tasks_per_node=2", f"results_dir={tmp_path / 'results'}",
+         f"hydra.sweep.dir={tmp_path / 'multirun'}"],
+        cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    (path,) = (tmp_path / "results" / "gpt2_e2e").glob("*.json")
+    record = json.loads(path.read_text())
+    assert record["launch"]["world_size"] == 2 and record["tags"]["world_size"] == 2 and len(record["steps"]) == 2
