@@ -11,27 +11,18 @@ from torch import nn
 from .optimizers import ScaledAdamW, ScaledGD
 from .pairing import find_lora_pairs
 
-__all__ = ["build_optimizer", "trainer_optimizer", "OPTIMIZER_NAMES", "PEER_NAMES", "HPARAMS"]
+__all__ = ["build_optimizer", "trainer_optimizer", "OPTIMIZER_NAMES", "HPARAMS"]
 
 OPTIMIZER_NAMES = ("sgd", "scaled_gd", "adamw", "scaled_adamw")  # the paper's four
-PEER_NAMES = ("peft_riemannian", "loraplus", "lora_rite")  # what users would otherwise pick
 
-_SGD = {"lr", "weight_decay", "momentum", "check_finite"}
-_ADAMW = {"lr", "betas", "eps", "weight_decay", "bias_correction", "check_finite", "fused"}
-_ADAM_PEER = {"lr", "betas", "eps", "weight_decay"}
-HPARAMS: dict[str, set[str]] = {
-    "sgd": _SGD,
-    "scaled_gd": _SGD | {"reg"},
-    "adamw": _ADAMW,
-    "scaled_adamw": _ADAMW | {"reg"},
-    "peft_riemannian": _ADAM_PEER | {"reg"},
-    "loraplus": _ADAM_PEER | {"loraplus_lr_ratio"},
-    "lora_rite": _ADAM_PEER,
-}
+_SGD = frozenset({"lr", "weight_decay", "momentum", "check_finite"})
+_ADAMW = frozenset({"lr", "betas", "eps", "weight_decay", "bias_correction", "check_finite", "fused"})
+# the keyword arguments build_optimizer accepts for each optimizer name
+HPARAMS = {"sgd": _SGD, "scaled_gd": _SGD | {"reg"}, "adamw": _ADAMW, "scaled_adamw": _ADAMW | {"reg", "variant"}}
 _GROUP_KEYS = {"lr", "weight_decay", "momentum", "reg", "betas", "eps", "bias_correction"}
 
 
-def _check_hparams(name: str, hparams: Mapping[str, Any], allowed: set[str], where: str) -> None:
+def _check_hparams(name: str, hparams: Mapping[str, Any], allowed: frozenset[str], where: str = "") -> None:
     unknown = sorted(set(hparams) - allowed)
     if unknown:
         raise ValueError(
@@ -39,31 +30,17 @@ def _check_hparams(name: str, hparams: Mapping[str, Any], allowed: set[str], whe
         )
 
 
-def _as_module(model: nn.Module | Mapping[str, nn.Module]) -> nn.Module:
-    if isinstance(model, nn.Module):
-        return model
-    if isinstance(model, Mapping):
-        return nn.ModuleDict(dict(model))
-    raise TypeError(f"model must be an nn.Module or a dict of them, got {type(model).__name__}")
-
-
 def _owner(param_name: str, prefixes: list[str]) -> str | None:
     """The longest override prefix that ``param_name`` lies under (``None``: the default group)."""
-    best = None
-    for prefix in prefixes:
-        if (param_name == prefix or param_name.startswith(prefix + ".")) and (best is None or len(prefix) > len(best)):
-            best = prefix
-    return best
+    owners = [p for p in prefixes if param_name == p or param_name.startswith(p + ".")]
+    return max(owners, key=len, default=None)
 
 
 def build_optimizer(
-    model: nn.Module | Mapping[str, nn.Module],
-    name: str,
-    *,
-    group_overrides: Mapping[str, Mapping[str, Any]] | None = None,
-    **hparams: Any,
-) -> torch.optim.Optimizer:
-    """Build one of :data:`OPTIMIZER_NAMES` (or :data:`PEER_NAMES`) over all trainable parameters of ``model``.
+    model: nn.Module | Mapping[str, nn.Module], name: str, *,
+    group_overrides: Mapping[str, Mapping[str, Any]] | None = None, **hparams: Any,
+) -> torch.optim.Optimizer:  # fmt: skip
+    """Build one of :data:`OPTIMIZER_NAMES` over all trainable parameters of ``model``.
 
     LoRA pairs (found by :func:`core.find_lora_pairs`) get the preconditioner under ``scaled_gd`` /
     ``scaled_adamw``; every other trainable parameter gets the plain update of the same optimizer, and ``sgd`` /
@@ -71,25 +48,19 @@ def build_optimizer(
 
     Args:
         model: the model, or a dict of models (``{"unet": unet, "text_encoder": te}``) optimised together.
-        name: ``sgd``, ``scaled_gd``, ``adamw``, ``scaled_adamw``, or a peer: ``peft_riemannian``, ``loraplus``,
-            ``lora_rite``.
+        name: ``sgd``, ``scaled_gd``, ``adamw`` or ``scaled_adamw``.
         group_overrides: per-sub-module settings, keyed by module-name prefix, e.g.
             ``{"text_encoder": {"lr": 1e-2, "reg": 1e6}}``.
         **hparams: the optimizer's hyperparameters (see :data:`HPARAMS`); unknown keys are an error.
     """
     if name not in HPARAMS:
-        raise ValueError(f"unknown optimizer '{name}'; expected one of {list(OPTIMIZER_NAMES + PEER_NAMES)}")
-    _check_hparams(name, hparams, HPARAMS[name], "")
+        raise ValueError(f"unknown optimizer {name!r}; expected one of {list(OPTIMIZER_NAMES)}")
+    _check_hparams(name, hparams, HPARAMS[name])
     if "betas" in hparams:
         hparams["betas"] = tuple(hparams["betas"])
-    module = _as_module(model)
-    if name in PEER_NAMES:
-        if group_overrides:
-            raise ValueError(f"group_overrides are not supported for the peer optimizer '{name}'")
-        from .peers import build_peer
-
-        return build_peer(module, name, **hparams)
-
+    if not isinstance(model, (nn.Module, Mapping)):
+        raise TypeError(f"model must be an nn.Module or a dict of them, got {type(model).__name__}")
+    module = model if isinstance(model, nn.Module) else nn.ModuleDict(dict(model))
     overrides = {k: dict(v) for k, v in (group_overrides or {}).items()}
     for prefix, values in overrides.items():
         _check_hparams(name, values, HPARAMS[name] & _GROUP_KEYS, f" in group_overrides['{prefix}']")
@@ -102,12 +73,11 @@ def build_optimizer(
     for prefix in prefixes:
         if not any(_owner(n, [prefix]) for n, _ in trainable):
             raise ValueError(f"group_overrides key '{prefix}' matches no trainable parameter of the model")
-
-    scaled = name.startswith("scaled_")
     groups: dict[str | None, dict[str, Any]] = {
         key: {"lora_pairs": [], "params": [], "param_names": [], **overrides.get(key, {})} for key in [None] + prefixes
     }
     paired: set[int] = set()
+    scaled = name.startswith("scaled_")
     if scaled:
         pairs = find_lora_pairs(module)
         if not pairs:
@@ -127,7 +97,6 @@ def build_optimizer(
             group = groups[_owner(param_name, prefixes)]
             group["params"].append(param)
             group["param_names"].append(param_name)
-
     param_groups = [g for g in groups.values() if g["lora_pairs"] or g["params"]]
     cls = ScaledGD if name in ("sgd", "scaled_gd") else ScaledAdamW
     return cls(param_groups, precondition=scaled, **hparams)

@@ -3,14 +3,14 @@
 A LoRA pair is a down-projection ``A`` (r x n) and an up-projection ``B`` (m x r) whose product ``B @ A`` is the
 low-rank update of one weight. The naming conventions recognised (see :data:`PAIR_PATTERNS`):
 
-====================================  ==============================================  ==========================
-convention                            A parameter                                     B parameter
-====================================  ==============================================  ==========================
-PEFT Linear / Conv / several adapters ``<module>.lora_A.<adapter>.weight``            ``<module>.lora_B.<adapter>.weight``
-PEFT Embedding                        ``<module>.lora_embedding_A.<adapter>``         ``<module>.lora_embedding_B.<adapter>``
-diffusion LoRA (kohya, Mix-of-Show)   ``<module>.lora_down.weight``                   ``<module>.lora_up.weight``
-loralib (incl. ``MergedLinear``)      ``<module>.lora_A``                             ``<module>.lora_B``
-====================================  ==============================================  ==========================
+=====================================  =======================================  =======================================
+convention                             A parameter                              B parameter
+=====================================  =======================================  =======================================
+PEFT Linear / Conv / several adapters  ``<module>.lora_A.<adapter>.weight``     ``<module>.lora_B.<adapter>.weight``
+PEFT Embedding                         ``<module>.lora_embedding_A.<adapter>``  ``<module>.lora_embedding_B.<adapter>``
+diffusion LoRA (kohya, Mix-of-Show)    ``<module>.lora_down.weight``            ``<module>.lora_up.weight``
+loralib (incl. ``MergedLinear``)       ``<module>.lora_A``                      ``<module>.lora_B``
+=====================================  =======================================  =======================================
 
 Convolutions are flattened: a k x k ``A`` weight of shape (r, c_in, k, k) is the matrix (r, c_in k k), a 1 x 1
 ``B`` weight of shape (c_out, r, 1, 1) is (c_out, r). A merged pair (loralib's ``MergedLinear``, e.g. q and v of
@@ -102,15 +102,11 @@ def check_pair(name: str, A: torch.Tensor, B: torch.Tensor, blocks: int = 1) -> 
             f"blocks"
         )
     if A.dtype != B.dtype or A.device != B.device:
-        raise LoraPairingError(
-            f"LoRA pair '{name}': A is {A.dtype} on {A.device} but B is {B.dtype} on {B.device}"
-        )
+        raise LoraPairingError(f"LoRA pair '{name}': A is {A.dtype} on {A.device} but B is {B.dtype} on {B.device}")
 
 
 def find_lora_pairs(
-    model: nn.Module,
-    patterns: Iterable[tuple[re.Pattern[str], str]] = PAIR_PATTERNS,
-    trainable_only: bool = True,
+    model: nn.Module, patterns: Iterable[tuple[re.Pattern[str], str]] = PAIR_PATTERNS, trainable_only: bool = True
 ) -> list[LoraPair]:
     """Return the LoRA pairs of ``model`` in ``named_parameters`` order.
 

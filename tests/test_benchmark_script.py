@@ -29,3 +29,11 @@ def test_benchmark_rejects_bad_arguments():
         bench.main(["--cases", "gpt2m_r5"])
     with pytest.raises(SystemExit):
         bench.main(["--steps", "1"])
+
+
+@pytest.mark.parametrize("rounds", ["0", "-2"])
+def test_benchmark_rejects_fewer_than_one_round_quoting_the_value(rounds, capsys):
+    bench = _load()
+    with pytest.raises(SystemExit):
+        bench.main(["--rounds", rounds])
+    assert f"--rounds must be at least 1, got {rounds}" in capsys.readouterr().err

@@ -1,83 +1,213 @@
-"""The fast optimizers against the float64 reference, torch's AdamW/SGD, and their contracts."""
+"""The fast optimizers against their float64 reference twins and torch's AdamW/SGD, and their contracts."""
 
 import copy
+import inspect
+import itertools
 
 import pytest
 import torch
+from torch import nn
 
-from core import NonFiniteGradientError, ScaledAdamW, ScaledGD, build_optimizer, find_lora_pairs
-from core.reference import ReferenceScaledAdamW, ReferenceScaledGD
+import core.preconditioner
+from core import (
+    NonFiniteGradientError, ScaledAdamW, ScaledAdamWReference, ScaledGD, ScaledGDReference, build_optimizer,
+    find_lora_pairs,
+)  # fmt: skip
 from _tiny import MixedModel, tiny_peft_llama
 
 TOKENS = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(0))
 
 
-def llama_loss(model):
-    return model(input_ids=TOKENS, labels=TOKENS).loss
+class ConvLora(nn.Module):
+    """Diffusion-style conv LoRA: a 3 x 3 ``lora_down`` and a 1 x 1 ``lora_up`` beside a frozen convolution."""
+
+    def __init__(self, channels: int, r: int):
+        super().__init__()
+        self.base = nn.Conv2d(channels, channels, 3, padding=1)
+        self.base.requires_grad_(False)
+        self.lora_down = nn.Conv2d(channels, r, 3, padding=1, bias=False)
+        self.lora_up = nn.Conv2d(r, channels, 1, bias=False)
+        nn.init.normal_(self.lora_up.weight, std=0.1)
+
+    def forward(self, x):
+        return self.base(x) + self.lora_up(self.lora_down(x))
+
+
+class EveryKindModel(nn.Module):
+    """MixedModel (two down/up pairs, a merged two-block pair, a head) behind a conv pair and a plain scale."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        self.mixed = MixedModel(seed=seed)
+        self.conv = ConvLora(3, 2)
+        self.scale = nn.Parameter(torch.ones(12))
+
+    def forward(self, x):
+        return self.mixed(self.scale * (x + self.conv(x.view(-1, 3, 2, 2)).flatten(1)))
+
+
+def every_kind_loss(model, dtype=torch.float32):
+    x = torch.randn(8, 12, generator=torch.Generator().manual_seed(7)).to(dtype)
+    return nn.functional.cross_entropy(model(x).float(), torch.arange(8) % 2)
 
 
 def mixed_loss(model, dtype=torch.float32):
     x = torch.randn(8, 12, generator=torch.Generator().manual_seed(7)).to(dtype)
-    y = torch.arange(8) % 2
-    return torch.nn.functional.cross_entropy(model(x).float(), y)
+    return nn.functional.cross_entropy(model(x).float(), torch.arange(8) % 2)
 
 
-def run_side_by_side(model, loss_fn, fast, reference_cls, steps, **hparams):
-    """Train ``model`` with ``fast``; feed the same gradients to the reference on a copy; return both models."""
-    twin = copy.deepcopy(model)
-    pairs = find_lora_pairs(twin)
-    paired = {id(t) for p in pairs for t in (p.A, p.B)}
-    plain = [p for p in twin.parameters() if p.requires_grad and id(p) not in paired]
-    reference = reference_cls(pairs, plain, **hparams)
+def two_groups(model: EveryKindModel, **second) -> list[dict]:
+    """Every kind of parameter over two groups; the second with its own settings."""
+    pairs = {p.name: p for p in find_lora_pairs(model)}
+    head = model.mixed.head
+    return [
+        {"lora_pairs": [pairs["mixed.l1"], pairs["mixed.merged"]], "params": [head.weight, head.bias],
+         "param_names": ["mixed.head.weight", "mixed.head.bias"]},
+        {"lora_pairs": [pairs["mixed.l2"], pairs["conv"]], "params": [model.scale], "param_names": ["scale"],
+         **second},
+    ]  # fmt: skip
+
+
+def train_side_by_side(model, fast, twin, reference, loss_fn, steps, drop_grads=False):
+    """Step ``fast`` on ``model`` and ``reference`` on ``twin`` with identical gradients (some dropped at times)."""
     src = [p for p in model.parameters() if p.requires_grad]
     dst = [p for p in twin.parameters() if p.requires_grad]
-    for _ in range(steps):
+    for step in range(steps):
         fast.zero_grad()
         loss_fn(model).backward()
+        if drop_grads and step % 5 == 3:
+            src[-1].grad = None  # a plain parameter without a gradient
+        if drop_grads and step == 7:
+            src[0].grad = None  # a LoRA factor whose partner still has one
         for s, d in zip(src, dst):
-            d.grad = s.grad.clone()
+            d.grad = None if s.grad is None else s.grad.clone()
         fast.step()
         reference.step()
     return src, dst
 
 
+def assert_trained_alike(src, dst, initial, rtol=2e-4, atol=2e-5):
+    for s, d in zip(src, dst):
+        torch.testing.assert_close(s, d, rtol=rtol, atol=atol)
+    assert all(not torch.equal(s, i) for s, i in zip(src, initial))  # every parameter moved
+
+
+ADAMW_OPTIONS = list(itertools.product(["gradient", "update"], [True, False], [True, False], [0.0, 0.1], [0.0, 1e-4]))
+GD_OPTIONS = list(itertools.product([0.0, 0.9], [True, False], [0.0, 0.1], [0.0, 1e-4]))
+
+
+@pytest.mark.parametrize("variant, bias_correction, precondition, weight_decay, reg", ADAMW_OPTIONS)
+def test_scaled_adamw_matches_its_reference_twin_for_every_option(variant, bias_correction, precondition,
+                                                                   weight_decay, reg):  # fmt: skip
+    hp = dict(lr=1e-2, betas=(0.8, 0.9), eps=1e-8, weight_decay=weight_decay, reg=reg,
+              bias_correction=bias_correction, variant=variant, precondition=precondition)  # fmt: skip
+    model = EveryKindModel()
+    twin = copy.deepcopy(model)
+    initial = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    second = dict(lr=5e-3, reg=reg * 10, weight_decay=weight_decay / 2)
+    fast = ScaledAdamW(two_groups(model, **second), **hp)
+    reference = ScaledAdamWReference(two_groups(twin, **second), **hp)
+    src, dst = train_side_by_side(model, fast, twin, reference, every_kind_loss, steps=25, drop_grads=True)
+    assert_trained_alike(src, dst, initial)
+
+
+@pytest.mark.parametrize("momentum, precondition, weight_decay, reg", GD_OPTIONS)
+def test_scaled_gd_matches_its_reference_twin_for_every_option(momentum, precondition, weight_decay, reg):
+    hp = dict(lr=2e-2, momentum=momentum, weight_decay=weight_decay, reg=reg, precondition=precondition)
+    model = EveryKindModel()
+    twin = copy.deepcopy(model)
+    initial = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    second = dict(lr=1e-2, reg=reg * 10, weight_decay=weight_decay / 2)
+    fast = ScaledGD(two_groups(model, **second), **hp)
+    reference = ScaledGDReference(two_groups(twin, **second), **hp)
+    src, dst = train_side_by_side(model, fast, twin, reference, every_kind_loss, steps=25, drop_grads=True)
+    assert_trained_alike(src, dst, initial)
+
+
+def reference_twin(name, twin, **hp):
+    """The reference of ``build_optimizer(twin, name, **hp)``, over the very groups build_optimizer makes."""
+    groups = build_optimizer(twin, name, **hp).param_groups
+    cls = ScaledGDReference if name in ("sgd", "scaled_gd") else ScaledAdamWReference
+    return cls(groups, precondition=name.startswith("scaled_"), **hp)
+
+
 @pytest.mark.parametrize(
-    "name, reference_cls, hparams",
+    "name, hparams",
     [
-        ("scaled_adamw", ReferenceScaledAdamW, dict(lr=5e-3, betas=(0.7, 0.8), weight_decay=0.01, reg=1e-6)),
-        ("adamw", ReferenceScaledAdamW, dict(lr=5e-3, betas=(0.9, 0.999), weight_decay=0.01)),
-        ("scaled_gd", ReferenceScaledGD, dict(lr=2e-2, weight_decay=0.01, reg=1e-6)),
-        ("sgd", ReferenceScaledGD, dict(lr=5e-2, weight_decay=0.0)),
+        ("scaled_adamw", dict(lr=5e-3, betas=(0.7, 0.8), weight_decay=0.01, reg=1e-6)),
+        ("scaled_adamw", dict(lr=5e-3, betas=(0.7, 0.8), weight_decay=0.01, reg=1e-6, variant="update")),
+        ("adamw", dict(lr=5e-3, betas=(0.9, 0.999), weight_decay=0.01)),
+        ("scaled_gd", dict(lr=2e-2, weight_decay=0.01, reg=1e-6)),
+        ("sgd", dict(lr=5e-2, momentum=0.9)),
     ],
 )
-def test_fast_matches_reference_for_many_steps_on_a_peft_model(name, reference_cls, hparams):
-    model = tiny_peft_llama()
+@pytest.mark.parametrize("targets", [("q_proj", "v_proj"), ("embed_tokens", "q_proj")], ids=["linear", "embedding"])
+def test_build_optimizer_matches_the_reference_for_many_steps_on_a_peft_model(name, hparams, targets):
+    model = tiny_peft_llama(targets=targets)
+    twin = copy.deepcopy(model)
+    initial = [p.detach().clone() for p in model.parameters() if p.requires_grad]
     fast = build_optimizer(model, name, **hparams)
-    ref_kwargs = dict(hparams, precondition=name.startswith("scaled"))
-    src, dst = run_side_by_side(model, llama_loss, fast, reference_cls, steps=40, **ref_kwargs)
-    for s, d in zip(src, dst):
-        torch.testing.assert_close(s, d, rtol=2e-4, atol=2e-5)
-    assert any(not torch.equal(s, d0) for s, d0 in zip(src, [p for p in tiny_peft_llama().parameters() if p.requires_grad]))
-
-
-def test_fast_matches_reference_with_merged_blocks_plain_params_and_no_bias_correction():
-    model = MixedModel()
-    fast = build_optimizer(model, "scaled_adamw", lr=1e-2, betas=(0.8, 0.9), weight_decay=0.1, reg=1e-4,
-                           bias_correction=False)
-    src, dst = run_side_by_side(model, mixed_loss, fast, ReferenceScaledAdamW, steps=40, lr=1e-2,
-                                betas=(0.8, 0.9), weight_decay=0.1, reg=1e-4, bias_correction=False)
-    for s, d in zip(src, dst):
-        torch.testing.assert_close(s, d, rtol=2e-4, atol=2e-5)
+    reference = reference_twin(name, twin, **hparams)
+    loss = lambda m: m(input_ids=TOKENS, labels=TOKENS).loss  # noqa: E731
+    src, dst = train_side_by_side(model, fast, twin, reference, loss, steps=40)
+    assert_trained_alike(src, dst, initial)
 
 
 def test_reg_zero_from_peft_zero_init_runs_and_matches_reference():
     model = tiny_peft_llama(init_B=False)  # B = 0: the Gram BᵀB is singular at step 0
+    twin = copy.deepcopy(model)
     fast = build_optimizer(model, "scaled_gd", lr=0.1, reg=0.0)
-    src, dst = run_side_by_side(model, llama_loss, fast, ReferenceScaledGD, steps=5, lr=0.1, reg=0.0)
+    reference = reference_twin("scaled_gd", twin, lr=0.1, reg=0.0)
+    loss = lambda m: m(input_ids=TOKENS, labels=TOKENS).loss  # noqa: E731
+    src, dst = train_side_by_side(model, fast, twin, reference, loss, steps=5)
     for s, d in zip(src, dst):
         torch.testing.assert_close(s, d, rtol=1e-4, atol=1e-5)
+    assert find_lora_pairs(model)[0].B.abs().sum() > 0  # B moved off zero
+
+
+def test_reference_twins_take_the_constructors_of_the_fast_classes():
+    for fast, reference in ((ScaledGD, ScaledGDReference), (ScaledAdamW, ScaledAdamWReference)):
+        assert inspect.signature(reference) == inspect.signature(fast)
+    model = MixedModel()
+    reference = ScaledAdamWReference(find_lora_pairs(model), lr=1e-2)
+    mixed_loss(model).backward()
+    reference.step()
     pair = find_lora_pairs(model)[0]
-    assert pair.B.abs().sum() > 0  # B moved off zero
+    assert reference.state[pair.A]["master"].dtype == torch.float64
+    assert torch.equal(pair.A, reference.state[pair.A]["master"].float())
+    with pytest.raises(ValueError, match=r"variant must be one of \['gradient', 'update'\], got 'adam'"):
+        ScaledAdamWReference(find_lora_pairs(model), variant="adam")
+
+
+def test_the_two_variants_differ_when_preconditioned_and_agree_when_not():
+    def train(variant, precondition):
+        model = MixedModel()
+        groups = [{"lora_pairs": find_lora_pairs(model), "params": list(model.head.parameters())}]
+        opt = ScaledAdamW(groups, lr=1e-2, variant=variant, precondition=precondition)
+        for _ in range(5):
+            opt.zero_grad()
+            mixed_loss(model).backward()
+            opt.step()
+        return [p.detach() for p in model.parameters() if p.requires_grad]
+
+    gradient, update = train("gradient", True), train("update", True)
+    assert not all(torch.allclose(a, b, rtol=1e-3) for a, b in zip(gradient, update))
+    for a, b in zip(train("gradient", False), train("update", False)):  # both are AdamW then
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_update_variant_first_step_is_the_preconditioned_sign_of_the_gradient():
+    # at step 1, m̂ = g and v̂ = g², so u = g / (|g| + eps), and d_A = (BᵀB + reg I)⁻¹ u_A
+    model = MixedModel()
+    pair = find_lora_pairs(model)[0]
+    A0, B0 = pair.A.detach().clone(), pair.B.detach().clone()
+    opt = build_optimizer(model, "scaled_adamw", lr=1e-3, weight_decay=0.0, reg=0.1, eps=1e-8, variant="update")
+    mixed_loss(model).backward()
+    g = pair.A.grad.clone()
+    opt.step()
+    u = g / (g.abs() + 1e-8)
+    expected = A0 - 1e-3 * torch.linalg.solve(B0.T @ B0 + 0.1 * torch.eye(B0.shape[1]), u)
+    torch.testing.assert_close(pair.A.detach(), expected, rtol=1e-5, atol=1e-7)
 
 
 def assert_same_training(name, torch_cls, steps, ours_kwargs, torch_kwargs):
@@ -107,9 +237,9 @@ def test_unscaled_sgd_equals_torch_sgd_with_momentum():
 
 
 def test_fused_kernel_gets_contiguous_gradients():
-    # torch 2.13's CPU fused AdamW mis-reads non-contiguous gradients; the optimizer must hand it contiguous ones.
-    w = torch.nn.Parameter(torch.randn(6, 4))
-    w_ref = torch.nn.Parameter(w.detach().clone())
+    # torch's CPU fused AdamW mis-reads non-contiguous gradients; the optimizer must hand it contiguous ones.
+    w = nn.Parameter(torch.randn(6, 4))
+    w_ref = nn.Parameter(w.detach().clone())
     ours = ScaledAdamW([w], lr=0.1, precondition=False, fused=True)
     theirs = torch.optim.AdamW([w_ref], lr=0.1, foreach=False)
     for step in range(5):
@@ -120,25 +250,30 @@ def test_fused_kernel_gets_contiguous_gradients():
     torch.testing.assert_close(w, w_ref, rtol=1e-6, atol=1e-6)
 
 
-def test_step_does_not_modify_grad():
+@pytest.mark.parametrize("variant", ["gradient", "update"])
+def test_step_does_not_modify_grad(variant):
     model = tiny_peft_llama()
-    opt = build_optimizer(model, "scaled_adamw", lr=1e-3)
-    llama_loss(model).backward()
+    opt = build_optimizer(model, "scaled_adamw", lr=1e-3, variant=variant)
+    model(input_ids=TOKENS, labels=TOKENS).loss.backward()
     before = [p.grad.clone() for p in model.parameters() if p.grad is not None]
     opt.step()
     after = [p.grad for p in model.parameters() if p.grad is not None]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
 
 
-def test_non_finite_gradient_raises_naming_the_parameter_and_changes_nothing():
+@pytest.mark.parametrize("name, hp", [("scaled_adamw", {}), ("scaled_adamw", {"variant": "update"}),
+                                      ("scaled_adamw", {"bias_correction": False}), ("scaled_gd", {"momentum": 0.9})])
+def test_non_finite_gradient_raises_naming_the_parameter_and_changes_nothing(name, hp):
     model = MixedModel()
-    opt = build_optimizer(model, "scaled_adamw", lr=1e-3)
-    mixed_loss(model).backward()
-    model.l2.lora_up.weight.grad[0, 0] = float("nan")
-    before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(NonFiniteGradientError, match=r"non-finite gradient.*l2\.lora_up\.weight"):
-        opt.step()
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    opt = build_optimizer(model, name, lr=1e-3, **hp)
+    for bad in ("l2.lora_up.weight", "merged.lora_A", "head.bias"):
+        opt.zero_grad()
+        mixed_loss(model).backward()
+        model.get_parameter(bad).grad[0] = float("nan")
+        before = [p.detach().clone() for p in model.parameters()]
+        with pytest.raises(NonFiniteGradientError, match=rf"non-finite gradient.*1 parameter\(s\): {bad}"):
+            opt.step()
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert not opt.state
 
 
@@ -148,6 +283,7 @@ def test_non_finite_gradient_raises_naming_the_parameter_and_changes_nothing():
         (dict(reg=-1e-3), r"reg must be a number >= 0, got -0.001"),
         (dict(lr=-1.0), r"lr must be a number >= 0, got -1.0"),
         (dict(betas=(0.9, 1.5)), r"betas must be two numbers in \[0, 1\), got \(0.9, 1.5\)"),
+        (dict(variant="theorem"), r"variant must be one of \['gradient', 'update'\], got 'theorem'"),
         (dict(betaz=0.9), r"unknown hyperparameter\(s\) \['betaz'\] for optimizer 'scaled_adamw'"),
     ],
 )
@@ -156,11 +292,14 @@ def test_bad_hyperparameters_are_clear_errors(kwargs, message):
         build_optimizer(MixedModel(), "scaled_adamw", **kwargs)
 
 
-def test_unknown_optimizer_and_reg_for_unscaled_are_errors():
-    with pytest.raises(ValueError, match=r"unknown optimizer 'adam'; expected one of \['sgd', 'scaled_gd'"):
-        build_optimizer(MixedModel(), "adam", lr=1e-3)
+def test_unknown_optimizer_and_reg_or_variant_for_unscaled_are_errors():
+    for name in ("adam", "peft_riemannian"):  # the peers are built outside core
+        with pytest.raises(ValueError, match=rf"unknown optimizer '{name}'; expected one of \['sgd', 'scaled_gd'"):
+            build_optimizer(MixedModel(), name, lr=1e-3)
     with pytest.raises(ValueError, match=r"\['reg'\] for optimizer 'sgd'"):
         build_optimizer(MixedModel(), "sgd", lr=1e-3, reg=1e-6)
+    with pytest.raises(ValueError, match=r"\['variant'\] for optimizer 'adamw'"):
+        build_optimizer(MixedModel(), "adamw", lr=1e-3, variant="update")
 
 
 def test_group_overrides_give_sub_modules_their_own_lr_and_reg():
@@ -187,9 +326,10 @@ def test_optimizer_classes_take_explicit_pairs():
         ScaledAdamW([{"lora_pairs": pairs}, {"params": [pairs[0].A]}], lr=1e-3)
 
 
-@pytest.mark.parametrize("name", ["scaled_adamw", "scaled_gd"])
-def test_state_dict_resume_is_bit_identical(name, tmp_path):
-    hp = dict(lr=1e-2, reg=1e-6, weight_decay=0.01) | ({"momentum": 0.9} if name == "scaled_gd" else {})
+@pytest.mark.parametrize("name, hp", [("scaled_adamw", {}), ("scaled_adamw", {"variant": "update"}),
+                                      ("scaled_adamw", {"bias_correction": False}), ("scaled_gd", {"momentum": 0.9})])
+def test_state_dict_resume_is_bit_identical(name, hp, tmp_path):
+    hp = dict(lr=1e-2, reg=1e-6, weight_decay=0.01, **hp)
 
     def train(model, opt, steps):
         for _ in range(steps):
@@ -213,13 +353,17 @@ def test_state_dict_resume_is_bit_identical(name, tmp_path):
     train(fresh, opt_b, 6)
     for a, b in zip(straight.parameters(), fresh.parameters()):
         assert torch.equal(a, b)
+    if name == "scaled_adamw":
+        state = opt_b.state[fresh.l1.lora_up.weight]
+        assert set(state) == {"step", "exp_avg", "exp_avg_sq"} and float(state["step"]) == 10
 
 
+@pytest.mark.parametrize("variant", ["gradient", "update"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_parameters_train(dtype):
+def test_low_precision_parameters_train(dtype, variant):
     model = MixedModel().to(dtype)
     reference = MixedModel().to(dtype)
-    opt = build_optimizer(model, "scaled_adamw", lr=1e-2, reg=1e-6)
+    opt = build_optimizer(model, "scaled_adamw", lr=1e-2, reg=1e-6, variant=variant)
     x = torch.randn(8, 12).to(dtype)
     for _ in range(5):
         opt.zero_grad()
@@ -231,35 +375,43 @@ def test_low_precision_parameters_train(dtype):
     assert all(moved) and all(torch.isfinite(p).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("stack_max_numel", [0, 1 << 30], ids=["one-product-per-pair", "stacked"])
-@pytest.mark.parametrize("name, reference_cls", [("scaled_adamw", ReferenceScaledAdamW), ("scaled_gd", ReferenceScaledGD)])
-def test_both_bucket_strategies_match_the_reference(monkeypatch, stack_max_numel, name, reference_cls):
-    # small factors are stacked (batched products), large ones get a product each: both must be the same algorithm
-    import core.optimizers
+@pytest.fixture(params=[0, 1 << 30], ids=["one-product-per-pair", "stacked"])
+def bucket_strategy(request, monkeypatch):
+    """Force one of the batched preconditioner's two strategies; yields the buckets it builds."""
+    monkeypatch.setattr(core.preconditioner, "STACK_MAX_NUMEL", request.param)
+    built, make = [], core.preconditioner._buckets
 
-    monkeypatch.setattr(core.optimizers, "STACK_MAX_NUMEL", stack_max_numel)
+    def recording(*args):
+        buckets = make(*args)
+        built.extend(buckets)
+        return buckets
+
+    monkeypatch.setattr(core.preconditioner, "_buckets", recording)
+    yield bool(request.param), built
+
+
+@pytest.mark.parametrize("name", ["scaled_adamw", "scaled_gd"])
+def test_both_bucket_strategies_match_the_reference(bucket_strategy, name):
+    stacked, built = bucket_strategy
     hp = dict(lr=1e-2, weight_decay=0.05, reg=1e-4) | ({"betas": (0.8, 0.9)} if name == "scaled_adamw" else {})
-    model = MixedModel()  # two down/up pairs, a merged two-block pair, a plain head
-    fast = build_optimizer(model, name, **hp)
-    src, dst = run_side_by_side(model, mixed_loss, fast, reference_cls, steps=25, **hp)
-    for s, d in zip(src, dst):
-        torch.testing.assert_close(s, d, rtol=2e-4, atol=2e-5)
-    assert all(b.stacked == bool(stack_max_numel) for plan in fast._plan_cache.values() for b in plan.buckets)
+    model = EveryKindModel()
+    twin = copy.deepcopy(model)
+    initial = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    fast = ScaledAdamW(two_groups(model), **hp) if name == "scaled_adamw" else ScaledGD(two_groups(model), **hp)
+    cls = ScaledAdamWReference if name == "scaled_adamw" else ScaledGDReference
+    src, dst = train_side_by_side(model, fast, twin, cls(two_groups(twin), **hp), every_kind_loss, 25, True)
+    assert_trained_alike(src, dst, initial)
+    assert built and all(b.stacked == stacked for b in built)
 
 
-@pytest.mark.parametrize("stack_max_numel", [0, 1 << 30], ids=["one-product-per-pair", "stacked"])
-def test_both_bucket_strategies_handle_bf16_factors(monkeypatch, stack_max_numel):
-    import core.optimizers
-
-    monkeypatch.setattr(core.optimizers, "STACK_MAX_NUMEL", stack_max_numel)
+def test_both_bucket_strategies_handle_bf16_factors(bucket_strategy):
     model = MixedModel().to(torch.bfloat16)
     twin = copy.deepcopy(model).float()
     ours = build_optimizer(model, "scaled_gd", lr=1e-2, reg=1e-3)
-    mixed_loss_bf16 = lambda m: mixed_loss(m, dtype=torch.bfloat16)  # noqa: E731
-    mixed_loss_bf16(model).backward()
+    mixed_loss(model, dtype=torch.bfloat16).backward()
     for p, q in zip(model.parameters(), twin.parameters()):
         q.grad = None if p.grad is None else p.grad.float()
-    reference = ReferenceScaledGD(find_lora_pairs(twin), list(twin.head.parameters()), lr=1e-2, reg=1e-3)
+    reference = reference_twin("scaled_gd", twin, lr=1e-2, reg=1e-3)
     ours.step()
     reference.step()
     for p, q in zip(model.parameters(), twin.parameters()):
@@ -268,7 +420,7 @@ def test_both_bucket_strategies_handle_bf16_factors(monkeypatch, stack_max_numel
 
 
 def test_step_counters_follow_torch_adamw_when_some_gradients_are_missing():
-    # a parameter without a gradient is not stepped (as in torch); the counters advance together only when they should
+    # a parameter without a gradient is not stepped (as in torch)
     model = MixedModel()
     twin = copy.deepcopy(model)
     ours = build_optimizer(model, "adamw", lr=1e-2, weight_decay=0.01)
@@ -305,7 +457,7 @@ def test_huge_but_finite_directions_are_not_mistaken_for_non_finite():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_finite_gradient_with_a_non_finite_direction_is_a_clear_error():
+def test_finite_gradient_with_a_non_finite_direction_is_a_clear_error(bucket_strategy):
     # reg = 0 and a tiny partner: (BᵀB)⁻¹ is huge, and a large but finite gradient overflows
     model = MixedModel()
     with torch.no_grad():
@@ -320,19 +472,9 @@ def test_finite_gradient_with_a_non_finite_direction_is_a_clear_error():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
-@pytest.mark.parametrize("stack_max_numel", [0, 1 << 30], ids=["one-product-per-pair", "stacked"])
-def test_non_finite_gradient_in_either_bucket_strategy_raises_and_changes_nothing(monkeypatch, stack_max_numel):
-    import core.optimizers
-
-    monkeypatch.setattr(core.optimizers, "STACK_MAX_NUMEL", stack_max_numel)
-    model = MixedModel()
-    opt = build_optimizer(model, "scaled_gd", lr=1e-2, momentum=0.9)
-    for bad in ("merged.lora_A", "head.bias"):
-        opt.zero_grad()
-        mixed_loss(model).backward()
-        model.get_parameter(bad).grad[0] = float("inf")
-        before = [p.detach().clone() for p in model.parameters()]
-        with pytest.raises(NonFiniteGradientError, match=rf"1 parameter\(s\): {bad}"):
-            opt.step()
-        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    assert not opt.state
+def test_sparse_gradients_are_a_clear_error():
+    w = nn.Parameter(torch.randn(4, 3))
+    opt = ScaledAdamW([{"params": [w], "param_names": ["embedding.weight"]}], precondition=False)
+    w.grad = torch.randn(4, 3).to_sparse()
+    with pytest.raises(ValueError, match=r"sparse gradients are not supported \(parameter 'embedding.weight'\)"):
+        opt.step()
