@@ -222,6 +222,16 @@ def test_launch_info_and_the_world_size_tag():
         harness.record_tags({"world_size": 2}, launch)
 
 
+def test_the_record_holds_the_launch_and_older_records_without_it_still_load(tmp_path):
+    launch = harness.launch_info(2, 4)
+    recorder = harness.RunRecorder(tmp_path, "exp", "adamw", {"lr": 1e-3}, 0, tags=harness.record_tags({}, launch),
+                                   launch=launch)
+    record = json.loads(recorder.finish().read_text())
+    assert record["launch"] == launch and record["run_name"] == "adamw_lr0.001_seed0_world_size-2"
+    del record["launch"]  # a record written before the field existed
+    assert harness.RunRecord.from_dict(record).launch == {}
+
+
 def test_accelerate_cpu_launch_with_several_processes_is_a_clear_error(monkeypatch):
     for key in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
         monkeypatch.delenv(key, raising=False)
