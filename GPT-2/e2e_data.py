@@ -79,6 +79,38 @@ def pairs_from_hub(rows: Any) -> list[tuple[str, str]]:
     return [(row[mr_col].strip(), row[ref_col].strip()) for row in rows]
 
 
+def split_paths(data_cfg: Any) -> dict[str, Path]:
+    """The split files under ``data_cfg.root`` (``{}`` when it is null: the hub), each checked to exist; a clear
+    FileNotFoundError otherwise. What a run checks before it loads anything."""
+    if data_cfg.root is None:
+        return {}
+    root = Path(data_cfg.root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.root={str(root)!r} is not a folder (set data.root=null to use the hub)")
+    paths = {}
+    for split in SPLITS:
+        name = data_cfg[split]
+        if name is None:
+            continue
+        if not (root / name).is_file():
+            raise FileNotFoundError(
+                f"E2E {split} split not found: {root / name} (data.{split}={name!r} under data.root={str(root)!r}; "
+                "set data.root=null to read the hub dataset data.hub_name instead)"
+            )
+        paths[split] = root / name
+    if "train" not in paths or "test" not in paths:
+        raise ValueError(f"data.train and data.test must name files, got {data_cfg.train!r}, {data_cfg.test!r}")
+    return paths
+
+
+def scored_test_set(test_pairs: Sequence[tuple[str, str]], n: int | None) -> tuple[list[str], list[list[str]]]:
+    """The test MRs a run scores and all references of each: ``n`` distinct MRs spread evenly over the test split
+    (:func:`even_subset`; all of them when ``n`` is None, none when 0)."""
+    mrs, refs = group_by_mr(test_pairs)
+    keep = even_subset(len(mrs), n)
+    return [mrs[i] for i in keep], [refs[i] for i in keep]
+
+
 def load_splits(data_cfg: Any) -> dict[str, list[tuple[str, str]]]:
     """All three splits as ``(mr, ref)`` pairs, read as ``data_cfg`` says (see ``conf/config.yaml``, ``data:``).
 
@@ -91,22 +123,7 @@ def load_splits(data_cfg: Any) -> dict[str, list[tuple[str, str]]]:
 
         splits = {s: pairs_from_hub(load_dataset(data_cfg.hub_name, split=s)) for s in SPLITS}
     else:
-        root = Path(data_cfg.root)
-        if not root.is_dir():
-            raise FileNotFoundError(f"data.root={str(root)!r} is not a folder (set data.root=null to use the hub)")
-        splits = {}
-        for split in SPLITS:
-            name = data_cfg[split]
-            if name is None:
-                continue
-            if not (root / name).is_file():
-                raise FileNotFoundError(
-                    f"E2E {split} split not found: {root / name} (data.{split}={name!r} under data.root={str(root)!r}; "
-                    "set data.root=null to read the hub dataset data.hub_name instead)"
-                )
-            splits[split] = read_pairs(root / name)
-        if "train" not in splits or "test" not in splits:
-            raise ValueError(f"data.train and data.test must name files, got {data_cfg.train!r}, {data_cfg.test!r}")
+        splits = {split: read_pairs(path) for split, path in split_paths(data_cfg).items()}
     if "validation" not in splits:
         k = int(data_cfg.holdout_mrs)
         mrs, _ = group_by_mr(splits["train"])

@@ -24,9 +24,9 @@ accepted, and CSV/TSV files get the script's repairs of mis-encoded characters (
 the start of a plain-text system file is removed (the official script would keep it glued to the first
 output's first word).
 
-Public API: :func:`score_corpus`, :func:`read_references`, :func:`read_predictions`; the pure metric
-functions (:func:`mteval_tokenize`, :func:`bleu_nist`, :func:`rouge_l`, :func:`cider_d`, ...) can be
-used on their own.
+Public API: :func:`score_corpus`, :func:`check_scorer`, :func:`read_references`, :func:`read_predictions`,
+:func:`write_predictions`; the pure metric functions (:func:`mteval_tokenize`, :func:`bleu_nist`,
+:func:`rouge_l`, :func:`cider_d`, ...) can be used on their own.
 """
 from __future__ import annotations
 
@@ -115,15 +115,31 @@ def read_references(csv_path: str | os.PathLike) -> tuple[list[str], list[list[s
     return list(grouped), list(grouped.values())
 
 
+def _is_table_header(line: str) -> bool:
+    """Whether ``line`` is the header of a predictions table: tab- (or comma-) separated names, each an MR or an
+    output column name, exactly one of each (e.g. ``MR<TAB>output``, the layout :func:`write_predictions` writes)."""
+    for delimiter in ("\t", ","):
+        cells = [cell.strip() for cell in next(csv.reader([line], delimiter=delimiter))]
+        if len(cells) < 2:
+            continue
+        mr = sum(bool(_MR_HEADER.fullmatch(cell)) for cell in cells)
+        out = sum(bool(_OUT_HEADER.fullmatch(cell)) for cell in cells)
+        return mr == 1 and out == 1 and mr + out == len(cells)
+    return False
+
+
 def read_predictions(path: str | os.PathLike, mrs: list[str]) -> list[str]:
     """Read system outputs aligned with ``mrs`` (the distinct MRs from :func:`read_references`).
 
-    A ``.csv``/``.tsv`` file must have a header with one MR column (``mr``, ``src``, ...) and one output
-    column (``output``, ``sys``, ``prediction``, ...); rows are matched to ``mrs`` by exact MR string and may
-    come in any order. Any other file is plain text with one output per line in the order of ``mrs``
-    (blank lines beyond the last MR are ignored; other blank lines are empty outputs).
+    A table (a ``.csv``/``.tsv`` file, or any file whose first line is a table header: tab- or comma-separated
+    column names, one MR column (``mr``, ``src``, ...) and one output column (``output``, ``sys``, ``prediction``,
+    ...) and nothing else, e.g. a TSV saved as ``.txt``) has its rows matched to ``mrs`` by exact MR string, in any
+    order. Any other file is plain text with one output per line in the order of ``mrs`` (blank lines beyond the
+    last MR are ignored; other blank lines are empty outputs).
     """
-    if Path(path).suffix.lower() in (".csv", ".tsv"):
+    lines = _read_lines(path, "predictions")
+    first = next((line for line in lines if line), "")
+    if Path(path).suffix.lower() in (".csv", ".tsv") or _is_table_header(_repair(first)):
         rows = _read_table(path, "predictions")
         mr_col = _find_column(rows[0], _MR_HEADER, "MR", path, "predictions")
         out_col = _find_column(rows[0], _OUT_HEADER, "output", path, "predictions")
@@ -142,14 +158,27 @@ def read_predictions(path: str | os.PathLike, mrs: list[str]) -> list[str]:
             raise ValueError(f"predictions file {str(path)!r} has no output for {len(missing)} of the "
                              f"{len(mrs)} MRs, e.g. {missing[0]!r}")
         return [by_mr[mr] for mr in mrs]
-    lines = _read_lines(path, "predictions")
     if len(lines) > len(mrs) and not any(lines[len(mrs):]):
         lines = lines[:len(mrs)]  # blank lines at the end of the file
     if len(lines) != len(mrs):
         raise ValueError(f"predictions file {str(path)!r} has {len(lines)} lines but the references have "
                          f"{len(mrs)} distinct MRs (plain text needs one output per MR, in reference order; "
-                         f"a table with MR and output columns needs a .tsv or .csv name)")
+                         f"a table needs a header line naming its MR and output columns)")
     return lines
+
+
+PREDICTIONS_HEADER = ("MR", "output")
+
+
+def write_predictions(path: str | os.PathLike, mrs: list[str], outputs: list[str]) -> Path:
+    """Write outputs as the TGen system file's layout: a TSV with the header ``MR<TAB>output``, one row per MR (what
+    :func:`read_predictions` reads back, whatever the file's name)."""
+    if len(mrs) != len(outputs):
+        raise ValueError(f"{len(mrs)} MRs but {len(outputs)} outputs")
+    path = Path(path)
+    with path.open("w", encoding="utf-8", newline="") as f:
+        csv.writer(f, delimiter="\t").writerows([PREDICTIONS_HEADER, *zip(mrs, outputs)])
+    return path
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -381,6 +410,19 @@ def _pycocoevalcap_file(*parts: str) -> Path:
     return path
 
 
+_SCORER_FILES = (("tokenizer", "stanford-corenlp-3.4.1.jar"), ("meteor", "meteor-1.5.jar"),
+                 ("meteor", "data", "paraphrase-en.gz"))
+
+
+def check_scorer() -> None:
+    """Raise now, saying what to install, if :func:`score_corpus` could not run: ``java`` on PATH and the PTB
+    tokenizer and METEOR 1.5 jars (with METEOR's paraphrase table) of ``pycocoevalcap``. What a run that will
+    score checks before it trains."""
+    _java()
+    for parts in _SCORER_FILES:
+        _pycocoevalcap_file(*parts)
+
+
 def _java() -> str:
     java = shutil.which("java")
     if java is None:
@@ -397,7 +439,7 @@ class _PTBTokenizer:
         self.n = len(texts)
         path = Path(workdir, name)
         path.write_text("\n".join(_PTB_LINE_BREAKS.sub(" ", t) for t in texts), encoding="utf-8")
-        jar = _pycocoevalcap_file("tokenizer", "stanford-corenlp-3.4.1.jar")
+        jar = _pycocoevalcap_file(*_SCORER_FILES[0])
         self.proc = subprocess.Popen(
             [java, "-Dfile.encoding=UTF-8", "-cp", str(jar), "edu.stanford.nlp.process.PTBTokenizer",
              "-preserveLines", "-lowerCase", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -425,8 +467,8 @@ class _Meteor:
     """
 
     def __init__(self, java: str):
-        jar = _pycocoevalcap_file("meteor", "meteor-1.5.jar")
-        _pycocoevalcap_file("meteor", "data", "paraphrase-en.gz")
+        jar = _pycocoevalcap_file(*_SCORER_FILES[1])
+        _pycocoevalcap_file(*_SCORER_FILES[2])
         self.stderr = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
             [java, "-Dfile.encoding=UTF-8", "-Xmx2G", "-XX:+UseSerialGC", "-jar", str(jar),

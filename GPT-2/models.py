@@ -23,6 +23,8 @@ from typing import Any
 import torch
 import transformers
 
+from harness.paths import is_local_path, require_path
+
 _CACHE: dict[tuple, tuple[Any, Any]] = {}
 
 
@@ -38,8 +40,6 @@ def _tokenizer(cfg: Any, default_source: str | None, gguf_file: str | None = Non
     source = cfg.tokenizer or default_source
     if source is None:
         raise ValueError("model.tokenizer must name a tokenizer folder or hub name for a config-built model")
-    if Path(source).is_absolute() and not Path(source).exists():
-        raise FileNotFoundError(f"model.tokenizer={source!r} does not exist")
     cls = getattr(transformers, cfg.tokenizer_class) if cfg.tokenizer_class else transformers.AutoTokenizer
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     tok = cls.from_pretrained(source, **kwargs)
@@ -60,20 +60,33 @@ def build_config_model(cfg: Any) -> torch.nn.Module:
     return transformers.GPT2LMHeadModel(transformers.GPT2Config(**values))
 
 
-def load_model(cfg: Any) -> tuple[torch.nn.Module, Any]:
-    """``(model, tokenizer)`` for one model config; the tokenizer always has a pad token (eos if none)."""
+def check_model_source(cfg: Any) -> str:
+    """The model config's one source (``name_or_path``, ``package`` or ``config``), with the files it names checked
+    to exist: the package's GGUF file, the config JSON, a local model or tokenizer folder. A clear error otherwise;
+    what a run checks before it loads anything. (A hub name is not checked: it is downloaded or read from the
+    cache when loaded.)"""
     sources = [s for s in ("name_or_path", "package") if cfg.get(s)]
     sources += ["config"] if cfg.get("config") or cfg.get("config_file") else []
     if len(sources) != 1:
         raise ValueError(f"model config must set exactly one of name_or_path, package, config(_file); got {sources}")
-    if sources == ["config"]:
+    if cfg.package and not (package_folder(cfg.package) / cfg.gguf_file).is_file():
+        raise FileNotFoundError(f"model.gguf_file={cfg.gguf_file!r} not in {package_folder(cfg.package)}")
+    if cfg.get("config_file") and not Path(cfg.config_file).is_file():
+        raise FileNotFoundError(f"model.config_file={str(cfg.config_file)!r} not found")
+    for key in ("name_or_path", "tokenizer"):
+        if cfg.get(key) and is_local_path(cfg[key]):
+            require_path(cfg[key], f"model.{key}")
+    return sources[0]
+
+
+def load_model(cfg: Any) -> tuple[torch.nn.Module, Any]:
+    """``(model, tokenizer)`` for one model config; the tokenizer always has a pad token (eos if none)."""
+    if check_model_source(cfg) == "config":
         return build_config_model(cfg), _tokenizer(cfg, None)
     key = (cfg.name_or_path, cfg.package, cfg.gguf_file, cfg.tokenizer)
     if key not in _CACHE:
         if cfg.package:
             folder = package_folder(cfg.package)
-            if not (folder / cfg.gguf_file).is_file():
-                raise FileNotFoundError(f"model.gguf_file={cfg.gguf_file!r} not in {folder}")
             model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=cfg.gguf_file,
                                                                       dtype=torch.float32)
             tok = _tokenizer(cfg, str(folder), cfg.gguf_file)

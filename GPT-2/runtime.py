@@ -56,12 +56,17 @@ def bench_case(name: str, r: int, args: argparse.Namespace) -> Path:
     tags = {"r": r, "batch": args.batch, "seq": args.seq, "device": args.device}
     if args.layers:
         tags["layers"] = args.layers
+    # timings depend on the CPU threads: they enter the record's name through `launch` (the config's `threads`
+    # key is left out of the hash, as for every experiment whose results do not depend on it)
     recorder = harness.RunRecorder(args.results_dir, EXPERIMENT, name, {k: v for k, v in preset.items() if k != "name"},
-                                args.seed, config=vars(args) | {"r": r}, tags=tags)
-    harness.train_loop(model, optimizer, batches[args.warmup:], loss_fn, recorder=recorder, desc=f"time {name} r={r}")
-    opt_times = sorted(s["opt_time_s"] for s in recorder.record.steps)
-    path = recorder.finish({"trainable_params": count_trainable(model),
-                            "opt_time_s": opt_times[len(opt_times) // 2]})
+                                   args.seed, config=vars(args) | {"r": r}, tags=tags,
+                                   launch={"threads": torch.get_num_threads()})
+    with recorder:
+        harness.train_loop(model, optimizer, batches[args.warmup:], loss_fn, recorder=recorder,
+                           desc=f"time {name} r={r}")
+        opt_times = sorted(s["opt_time_s"] for s in recorder.record.steps)
+        path = recorder.finish({"trainable_params": count_trainable(model),
+                                "opt_time_s": opt_times[len(opt_times) // 2]})
     print(f"{name:>13} r={r:<4} step {recorder.record.step_time_s:.4f} s  "
           f"optimizer {opt_times[len(opt_times) // 2]:.5f} s")
     return path
@@ -88,6 +93,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         parser.error(f"unknown optimizer(s) {unknown}; expected some of {list(harness.ALL_OPTIMIZERS)}")
     if not args.config.is_file():
         parser.error(f"--config {args.config} not found")
+    harness.require_writable_folder(args.results_dir / EXPERIMENT, "--results-dir")
     if args.threads:
         torch.set_num_threads(args.threads)
     return [bench_case(name, r, args) for r in args.ranks for name in args.optimizers]

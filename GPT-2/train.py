@@ -5,15 +5,19 @@
     python GPT-2/train.py -m preset=smollm2_cpu sweep=lr_adamw_vs_scaled_adamw
     torchrun --nproc_per_node 4 GPT-2/train.py optim=scaled_adamw       # 4 processes (DDP; gloo on a CPU)
 
-Config: GPT-2/conf/config.yaml (every default commented there). Writes one record per run to
-``<results_dir>/gpt2_e2e/<run_name>.json`` (config, per-step loss and time, validation losses, the five E2E
-metrics) and the decoded test outputs to ``<results_dir>/gpt2_e2e/predictions/<run_name>.tsv`` (columns MR, output).
+Config: GPT-2/conf/config.yaml (every default commented there). Before anything is loaded, everything that could
+fail after training is checked (:func:`preflight`: the data files, the model files, java and the METEOR jar when
+the run will score, a writable results folder). The run's record ``<results_dir>/gpt2_e2e/<run_name>.json`` is on
+disk from the start (``status: running``; config, per-step loss and time, validation losses as they come, then the
+five E2E metrics) and the decoded test outputs go to ``<results_dir>/gpt2_e2e/predictions/<record name>.tsv``
+(columns MR, output) before scoring. If scoring fails, the record keeps the training results and names the
+predictions (``status: failed``); ``python GPT-2/evaluate.py --record <record>`` scores them later.
 ``main()`` returns the test BLEU (or the best validation loss when decoding is off).
 """
 
 from __future__ import annotations
 
-import csv
+import contextlib
 import math
 import sys
 from functools import partial
@@ -26,11 +30,12 @@ from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for core and harness
 
+import e2e_metrics  # noqa: E402
 import harness  # noqa: E402
 from decoding import beam_decode  # noqa: E402
-from e2e_data import E2EDataset, collate, even_subset, group_by_mr, load_splits  # noqa: E402
+from e2e_data import E2EDataset, collate, load_splits, scored_test_set, split_paths  # noqa: E402
 from lora_layers import apply_lora, count_trainable, trainable_state  # noqa: E402
-from models import load_model  # noqa: E402
+from models import check_model_source, load_model  # noqa: E402
 
 EXPERIMENT = "gpt2_e2e"
 
@@ -87,13 +92,53 @@ def check_config(cfg: DictConfig) -> None:
                          f"(got {cfg.lora.placement!r})")
 
 
+def will_score(cfg: DictConfig) -> bool:
+    """Whether the run decodes and scores test MRs (``data.test_mrs`` null: all of them; 0: none)."""
+    return cfg.data.test_mrs is None or int(cfg.data.test_mrs) > 0
+
+
+def preflight(cfg: DictConfig) -> None:
+    """Everything that could fail after training, checked before anything is loaded: the config, the data files
+    (under ``data.root``), the model files, java and the METEOR jar when the run will score, and a writable
+    results folder. Each failure is a clear error naming the problem."""
+    check_config(cfg)
+    split_paths(cfg.data)
+    check_model_source(cfg.model)
+    if will_score(cfg):
+        e2e_metrics.check_scorer()
+    harness.require_writable_folder(Path(cfg.results_dir) / EXPERIMENT / "predictions", "results folder")
+
+
+def make_recorder(cfg: DictConfig, launch: dict | None = None) -> harness.RunRecorder:
+    """The run's record (``<results_dir>/gpt2_e2e/<run_name>.json``; the default name from the resolved config and
+    ``launch``, :func:`harness.launch_info`: several processes add it and the ``world_size`` tag)."""
+    optim_cfg = OmegaConf.to_container(cfg.optim, resolve=True)
+    launch = launch or {}
+    return harness.RunRecorder(
+        cfg.results_dir, experiment=EXPERIMENT, optimizer=cfg.optim.name,
+        hparams={k: v for k, v in optim_cfg.items() if k != "name"}, seed=int(cfg.seed),
+        config=OmegaConf.to_container(cfg, resolve=True), launch=launch,
+        tags=harness.record_tags(OmegaConf.to_container(cfg.tags, resolve=True), launch),
+        run_name=cfg.run_name, wandb=OmegaConf.to_container(cfg.wandb) if cfg.wandb else None,
+    )  # fmt: skip
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    check_config(cfg)
+    preflight(cfg)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     accelerator = harness.make_accelerator()  # stops on a launch that would not join its processes
     launch = harness.launch_info(accelerator.num_processes, int(cfg.train.batch_size))
+    recorder = make_recorder(cfg, launch) if accelerator.is_main_process else None
+    if recorder is not None:
+        recorder.check_can_start()  # another run of this configuration stops here, before anything is loaded
+    return run(cfg, accelerator, recorder)
+
+
+def run(cfg: DictConfig, accelerator, recorder: harness.RunRecorder | None) -> float:
+    """Load, train, select on validation, decode, score; ``recorder`` is None on the processes that do not write.
+    The record is on disk (running) from the first training step on, and closed however the run ends."""
     harness.seed_everything(int(cfg.seed))
     splits = load_splits(cfg.data)
     model, tokenizer = load_model(cfg.model)
@@ -108,7 +153,8 @@ def main(cfg: DictConfig) -> float:
         collate_fn=collate_fn, shuffle=True, generator=torch.Generator().manual_seed(int(cfg.seed)))
     valid_set = E2EDataset(splits["validation"], tokenizer, int(cfg.data.max_length))
     valid_loader = torch.utils.data.DataLoader(valid_set, collate_fn=collate_fn, batch_sampler=validation_batches(
-        valid_set, launch["global_batch"], accelerator.process_index, accelerator.num_processes))
+        valid_set, int(cfg.train.batch_size) * accelerator.num_processes, accelerator.process_index,
+        accelerator.num_processes))
     optim_cfg = OmegaConf.to_container(cfg.optim, resolve=True)
     optimizer = harness.build_optimizer(model, **optim_cfg)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
@@ -117,64 +163,60 @@ def main(cfg: DictConfig) -> float:
 
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.train.warmup_steps), total_steps)
 
-    hparams = {k: v for k, v in optim_cfg.items() if k != "name"}
-    recorder = harness.RunRecorder(
-        cfg.results_dir, experiment=EXPERIMENT, optimizer=cfg.optim.name, hparams=hparams, seed=int(cfg.seed),
-        config=OmegaConf.to_container(cfg, resolve=True), launch=launch,
-        tags=harness.record_tags(OmegaConf.to_container(cfg.tags, resolve=True), launch),
-        run_name=cfg.run_name, wandb=OmegaConf.to_container(cfg.wandb) if cfg.wandb else None,
-    ) if accelerator.is_main_process else None
+    with recorder or contextlib.nullcontext():  # on disk (running) from here, closed however the run ends
+        best = {"loss": math.inf, "step": None, "state": None}
 
-    best = {"loss": math.inf, "step": None, "state": None}
+        def evaluate(step: int) -> dict[str, float]:
+            """Validation loss; keep the trainable state with the lowest one (model selection)."""
+            loss = mean_loss(accelerator.unwrap_model(model), valid_loader, accelerator)  # the same on every rank
+            if loss < best["loss"]:
+                best.update(loss=loss, step=step, state=trainable_state(accelerator.unwrap_model(model)))
+            return {"valid_loss": loss}
 
-    def evaluate(step: int) -> dict[str, float]:
-        """Validation loss; keep the trainable state with the lowest one (model selection)."""
-        loss = mean_loss(accelerator.unwrap_model(model), valid_loader, accelerator)  # the same on every rank
-        if loss < best["loss"]:
-            best.update(loss=loss, step=step, state=trainable_state(accelerator.unwrap_model(model)))
-        return {"valid_loss": loss}
+        eval_every = int(cfg.train.eval_every or len(train_loader))
+        losses = harness.train_loop(
+            model, optimizer, train_loader,
+            partial(lm_loss, label_smoothing=float(cfg.train.label_smoothing), accelerator=accelerator),
+            scheduler=scheduler, max_steps=cfg.train.max_steps, epochs=int(cfg.train.epochs),
+            grad_clip=cfg.train.grad_clip, accelerator=accelerator, recorder=recorder,
+            desc=f"train {cfg.optim.name} lr={cfg.optim.lr:g}", eval_fn=evaluate, eval_every=eval_every,
+            stop_on_divergence=True,
+        )
+        planned = min(cfg.train.max_steps or math.inf, int(cfg.train.epochs) * len(train_loader))
+        diverged = len(losses) < planned  # train_loop stopped early (stop_on_divergence); the same on every process
+        if losses and len(losses) % eval_every and not diverged:  # the final state was not evaluated yet
+            metrics = evaluate(len(losses))
+            if recorder is not None:
+                recorder.log_metrics(len(losses), **metrics)
+        if not accelerator.is_main_process:
+            return best["loss"]
 
-    eval_every = int(cfg.train.eval_every or len(train_loader))
-    losses = harness.train_loop(
-        model, optimizer, train_loader,
-        partial(lm_loss, label_smoothing=float(cfg.train.label_smoothing), accelerator=accelerator),
-        scheduler=scheduler, max_steps=cfg.train.max_steps, epochs=int(cfg.train.epochs),
-        grad_clip=cfg.train.grad_clip, accelerator=accelerator, recorder=recorder,
-        desc=f"train {cfg.optim.name} lr={cfg.optim.lr:g}", eval_fn=evaluate, eval_every=eval_every,
-        stop_on_divergence=True,
-    )
-    planned = min(cfg.train.max_steps or math.inf, int(cfg.train.epochs) * len(train_loader))
-    diverged = len(losses) < planned  # train_loop stopped early (stop_on_divergence); the same on every process
-    if losses and len(losses) % eval_every and not diverged:  # the final state was not evaluated yet
-        metrics = evaluate(len(losses))
-        if recorder is not None:
-            recorder.log_metrics(len(losses), **metrics)
-    if not accelerator.is_main_process:
-        return best["loss"]
-
-    final = {"trainable_params": n_trainable, "steps": len(losses), "train_loss_last": losses[-1] if losses else None,
-             "valid_loss_best": best["loss"] if best["state"] is not None else None, "best_step": best["step"]}
-    mrs, refs = group_by_mr(splits["test"])
-    keep = even_subset(len(mrs), cfg.data.test_mrs)
-    if keep and best["state"] is not None:
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.load_state_dict(best["state"], strict=False)
-        hyps = beam_decode(unwrapped, tokenizer, [mrs[i] for i in keep], num_beams=int(cfg.decode.num_beams),
-                           length_penalty=float(cfg.decode.length_penalty),
-                           no_repeat_ngram_size=int(cfg.decode.no_repeat_ngram_size),
-                           max_new_tokens=int(cfg.decode.max_new_tokens), batch_size=int(cfg.decode.batch_size))
-        pred_path = recorder.path.parent / "predictions" / f"{recorder.path.stem}.tsv"
-        pred_path.parent.mkdir(parents=True, exist_ok=True)
-        with pred_path.open("w", encoding="utf-8", newline="") as f:  # the TGen file's layout: MR, output
-            csv.writer(f, delimiter="\t").writerows([("MR", "output")] + [(mrs[i], h) for i, h in zip(keep, hyps)])
-        import e2e_metrics
-
-        final.update(e2e_metrics.score_corpus(hyps, [refs[i] for i in keep]))
-        final["test_mrs"] = len(keep)
-    path = recorder.finish(final_metrics=final)
-    print(f"record: {path}\n" + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                          for k, v in final.items()))
-    return final.get("BLEU", final["valid_loss_best"])
+        final = {"trainable_params": n_trainable, "steps": len(losses),
+                 "train_loss_last": losses[-1] if losses else None,
+                 "valid_loss_best": best["loss"] if best["state"] is not None else None, "best_step": best["step"]}
+        recorder.save(final_metrics=final)  # the training results are on disk before decoding and scoring
+        mrs, refs = scored_test_set(splits["test"], cfg.data.test_mrs)
+        if mrs and best["state"] is not None:
+            unwrapped = accelerator.unwrap_model(model)
+            unwrapped.load_state_dict(best["state"], strict=False)
+            hyps = beam_decode(unwrapped, tokenizer, mrs, num_beams=int(cfg.decode.num_beams),
+                               length_penalty=float(cfg.decode.length_penalty),
+                               no_repeat_ngram_size=int(cfg.decode.no_repeat_ngram_size),
+                               max_new_tokens=int(cfg.decode.max_new_tokens), batch_size=int(cfg.decode.batch_size))
+            with recorder.output_file("predictions", ".tsv") as tmp:  # atomic, named after the record, listed in it
+                e2e_metrics.write_predictions(tmp, mrs, hyps)
+            try:
+                final.update(e2e_metrics.score_corpus(hyps, refs))
+            except Exception:
+                print(f"scoring failed: {recorder.write_path} keeps the training results and names the "
+                      f"predictions; score them later with: python GPT-2/evaluate.py --record {recorder.write_path}",
+                      file=sys.stderr)
+                raise
+            final["test_mrs"] = len(mrs)
+        path = recorder.finish(final_metrics=final)
+        print(f"record: {path}\n" + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                              for k, v in final.items()))
+        return final.get("BLEU", final["valid_loss_best"])
 
 
 if __name__ == "__main__":

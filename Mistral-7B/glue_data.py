@@ -133,6 +133,18 @@ def read_tsv(path: str | Path, task: str) -> dict[str, list]:
     return cols
 
 
+def split_files(root: str | Path, task: str) -> list[tuple[str, Path]]:
+    """``(split name, file)`` of the train and dev splits of `task` under a GLUE-format `root`, each checked to
+    exist (a clear FileNotFoundError otherwise): what a run checks before it loads anything."""
+    layout = LAYOUTS[check_task(task)]
+    folder = task_dir(root, task)
+    files = [(name, folder / fname) for name, fname in [("train", "train.tsv"), *layout.dev_files]]
+    missing = [str(path) for _, path in files if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(f"GLUE file(s) not found: {missing} (data.root={str(root)!r}, task {task!r})")
+    return files
+
+
 def load_glue(task: str, root: str | Path | None = None, hub_id: str = "nyu-mll/glue"):
     """The train and dev splits of `task` as a datasets.DatasetDict with columns text1, [text2], label.
 
@@ -143,8 +155,7 @@ def load_glue(task: str, root: str | Path | None = None, hub_id: str = "nyu-mll/
     layout = LAYOUTS[check_task(task)]
     splits = [("train", "train.tsv"), *layout.dev_files]
     if root is not None:
-        folder = task_dir(root, task)
-        return DatasetDict({name: Dataset.from_dict(read_tsv(folder / fname, task)) for name, fname in splits})
+        return DatasetDict({name: Dataset.from_dict(read_tsv(path, task)) for name, path in split_files(root, task)})
     hub = load_dataset(hub_id, task)
     t1, t2 = layout.hub_text
     out = DatasetDict()

@@ -8,11 +8,15 @@
 The optimizer is `harness.build_optimizer(model, **cfg.optim)`, built by an unmodified `Trainer` through
 `optimizer_cls_and_kwargs=(core.trainer_optimizer(name, build=harness.build_optimizer), hparams)` over the model it
 trains (the route Trainer also takes under FSDP), with Trainer's own scheduler (`train.scheduler`,
-`train.warmup_ratio`); the run is recorded by `harness.RecorderCallback` into <results_dir>/glue/<run_name>.json.
+`train.warmup_ratio`); the run is recorded by `harness.RecorderCallback` into
+<results_dir>/glue/<run_name>.json, on disk from the start of training (`status: running`, rewritten at every
+evaluation and checkpoint) and closed however the run ends. Before anything is loaded, `preflight` checks what could
+fail after training (the data files, a local model folder, bitsandbytes, writable results and output folders).
 `main()` returns the task's Table-2 metric on the (first) dev split.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
 from pathlib import Path
@@ -28,23 +32,40 @@ from glue_metrics import compute_metrics_fn, primary_metric  # noqa: E402
 
 from core import NonFiniteGradientError, trainer_optimizer  # noqa: E402
 from harness import (  # noqa: E402
-    RecorderCallback, RunRecorder, build_optimizer, check_launch, launch_info, needs_cpu_backend, record_tags,
-    seed_everything,
-)
+    RecorderCallback, RunRecorder, build_optimizer, check_launch, is_local_path, launch_info, needs_cpu_backend,
+    record_tags, require_path, require_writable_folder, seed_everything,
+)  # fmt: skip
 
 EXPERIMENT = "glue"
 config_groups.register_config_groups()  # task, table and tuned/<table>_<task>_<optim> (conf/tables/*.yaml)
 
 
-def nf4_config():
-    """4-bit NF4 weights with bf16 compute (bitsandbytes), as in the paper."""
+def require_bitsandbytes() -> None:
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ImportError("quantize=true needs bitsandbytes (pip install bitsandbytes) and a CUDA GPU; "
                           "use quantize=false to load the model unquantized")
+
+
+def nf4_config():
+    """4-bit NF4 weights with bf16 compute (bitsandbytes), as in the paper."""
+    require_bitsandbytes()
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                               bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=False)
+
+
+def preflight(cfg: DictConfig) -> None:
+    """Everything that could fail after training, checked before anything is loaded: the task's data files (under
+    ``data.root``), a local model folder, bitsandbytes for ``quantize``, writable results and output folders."""
+    if cfg.data.root is not None:
+        glue_data.split_files(cfg.data.root, cfg.task.name)
+    if is_local_path(cfg.model.name_or_path):
+        require_path(cfg.model.name_or_path, "model.name_or_path")
+    if cfg.quantize:
+        require_bitsandbytes()
+    require_writable_folder(Path(cfg.results_dir) / EXPERIMENT, "results folder")
+    require_writable_folder(cfg.output_dir, "output_dir (the Trainer's scratch folder)")
 
 
 def load_model(cfg: DictConfig, num_labels: int):
@@ -106,9 +127,10 @@ def train(cfg: DictConfig) -> float:
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
     task = cfg.task.name
+    preflight(cfg)
     if not 0 <= cfg.train.warmup_ratio < 1:
         raise ValueError(f"train.warmup_ratio must lie in [0, 1), got {cfg.train.warmup_ratio!r}")
-    check_launch()  # before anything is loaded
+    check_launch()
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     seed_everything(cfg.seed)
@@ -143,21 +165,22 @@ def train(cfg: DictConfig) -> float:
             wandb=OmegaConf.to_container(cfg.wandb) if cfg.wandb else None)
         trainer.add_callback(RecorderCallback(recorder))
 
-    try:
-        result = trainer.train()
-        summary = {"train_loss": result.training_loss, "train_runtime_s": result.metrics["train_runtime"]}
-    except NonFiniteGradientError as err:  # an LR sweep reports such a run as diverged instead of dropping it
-        print(f"diverged at step {trainer.state.global_step + 1}: {err}")
-        summary = {"diverged_at_step": trainer.state.global_step + 1}
-    evals = {split: trainer.evaluate(eval_dataset=ds, metric_key_prefix=f"eval_{split}")
-             for split, ds in eval_sets.items()}
-    metrics = {**final_metrics(evals), **summary, "train_samples": len(train_set),
-               "steps": trainer.state.global_step}
-    key = primary_metric(task)
-    print(f"{task} {optim['name']} lr={optim['lr']:g}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-    if recorder is not None:
-        print(f"record: {recorder.finish(final_metrics=metrics)}")
-    return metrics[key]
+    with recorder or contextlib.nullcontext():  # on disk (running) from here, closed however the run ends
+        try:
+            result = trainer.train()
+            summary = {"train_loss": result.training_loss, "train_runtime_s": result.metrics["train_runtime"]}
+        except NonFiniteGradientError as err:  # an LR sweep reports such a run as diverged instead of dropping it
+            print(f"diverged at step {trainer.state.global_step + 1}: {err}")
+            summary = {"diverged_at_step": trainer.state.global_step + 1}
+        evals = {split: trainer.evaluate(eval_dataset=ds, metric_key_prefix=f"eval_{split}")
+                 for split, ds in eval_sets.items()}
+        metrics = {**final_metrics(evals), **summary, "train_samples": len(train_set),
+                   "steps": trainer.state.global_step}
+        key = primary_metric(task)
+        print(f"{task} {optim['name']} lr={optim['lr']:g}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        if recorder is not None:
+            print(f"record: {recorder.finish(final_metrics=metrics)}")
+        return metrics[key]
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

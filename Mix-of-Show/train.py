@@ -15,6 +15,7 @@ Steps: load ChilloutMix (or build the tiny model) -> one new token per concept t
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 from pathlib import Path
@@ -36,7 +37,7 @@ EXPERIMENT = "mix_of_show"
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     """Train one configuration, generate, record; returns the share of black images."""
-    accelerator, data_root, results_dir = D.start_run(cfg)  # seed, threads, accelerator, data and results paths
+    accelerator, data_root, results_dir = D.start_run(cfg, EXPERIMENT)  # checks, seed, threads, accelerator, paths
 
     # -- model: ChilloutMix (or the tiny random one), LoRA, one new token per concept token and cross-attention layer
     sd = D.load_lora_components(cfg, data_root)
@@ -84,23 +85,24 @@ def main(cfg: DictConfig) -> float:
     recorder = D.make_recorder(
         cfg, EXPERIMENT, name, hparams, results_dir, accelerator, layers=num_layers,
         embedding_lr=cfg.edlora.embedding_lr if cfg.edlora.train_embeddings else 0.0)
-    losses = train_loop(model, optimizer, loader, lambda m, batch: m(**batch), scheduler=scheduler,
-                        max_steps=cfg.train.steps, epochs=math.ceil(cfg.train.steps / len(loader)),
-                        grad_clip=cfg.train.grad_clip, accelerator=accelerator, recorder=recorder,
-                        desc=f"{name} text_lr={cfg.text_lr:g} unet_lr={cfg.unet_lr:g}",
-                        stop_on_divergence=cfg.train.stop_on_divergence)
+    with recorder or contextlib.nullcontext():  # on disk (running) from here, closed however the run ends
+        losses = train_loop(model, optimizer, loader, lambda m, batch: m(**batch), scheduler=scheduler,
+                            max_steps=cfg.train.steps, epochs=math.ceil(cfg.train.steps / len(loader)),
+                            grad_clip=cfg.train.grad_clip, accelerator=accelerator, recorder=recorder,
+                            desc=f"{name} text_lr={cfg.text_lr:g} unet_lr={cfg.unet_lr:g}",
+                            stop_on_divergence=cfg.train.stop_on_divergence)
 
-    # -- inference: fuse LoRA at fusion_scale, one image per seed, black-image share (+ CLIP scores)
-    final = {"final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])), "steps_done": len(losses)}
-    if accelerator.is_main_process:
-        model = accelerator.unwrap_model(model)
-        rows = model.text_encoder.get_input_embeddings().weight[new_ids].detach()
-        final.update(unet_lora_delta=D.lora_delta_norm(model.unet),
-                     text_lora_delta=D.lora_delta_norm(model.text_encoder),
-                     token_embedding_delta=(rows - start_rows).norm().item(),
-                     token_embedding_norm=rows.norm(dim=-1).mean().item())
-        prompt = cfg.sample.prompt.replace(cfg.data.placeholder, " ".join(concept_tokens))
-        D.fuse_sample_and_finish(cfg, model, tokenize([prompt, ""]), sd.noise_scheduler, dataset, recorder, final)
+        # -- inference: fuse LoRA at fusion_scale, one image per seed, black-image share (+ CLIP scores)
+        final = {"final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])), "steps_done": len(losses)}
+        if accelerator.is_main_process:
+            model = accelerator.unwrap_model(model)
+            rows = model.text_encoder.get_input_embeddings().weight[new_ids].detach()
+            final.update(unet_lora_delta=D.lora_delta_norm(model.unet),
+                         text_lora_delta=D.lora_delta_norm(model.text_encoder),
+                         token_embedding_delta=(rows - start_rows).norm().item(),
+                         token_embedding_norm=rows.norm(dim=-1).mean().item())
+            prompt = cfg.sample.prompt.replace(cfg.data.placeholder, " ".join(concept_tokens))
+            D.fuse_sample_and_finish(cfg, model, tokenize([prompt, ""]), sd.noise_scheduler, dataset, recorder, final)
     return final.get("black_share", float("nan"))
 
 

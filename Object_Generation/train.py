@@ -14,6 +14,7 @@ model) in ``results/object_generation/<run>.json``, the images in ``results/obje
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 from pathlib import Path
@@ -34,7 +35,7 @@ EXPERIMENT = "object_generation"
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     """Train one configuration, generate, record; returns the share of black images."""
-    accelerator, data_root, results_dir = D.start_run(cfg)  # seed, threads, accelerator, data and results paths
+    accelerator, data_root, results_dir = D.start_run(cfg, EXPERIMENT)  # checks, seed, threads, accelerator, paths
 
     # -- model: Stable Diffusion (or the tiny random one), LoRA on UNet + text encoder, new placeholder tokens
     sd = D.load_lora_components(cfg, data_root)
@@ -59,21 +60,22 @@ def main(cfg: DictConfig) -> float:
 
     # -- train
     recorder = D.make_recorder(cfg, EXPERIMENT, name, hparams, results_dir, accelerator)
-    losses = train_loop(model, optimizer, loader, lambda m, batch: m(**batch), max_steps=cfg.train.steps,
-                        epochs=math.ceil(cfg.train.steps / len(loader)), grad_clip=cfg.train.grad_clip,
-                        accelerator=accelerator, recorder=recorder, desc=f"{name} text_lr={cfg.text_lr:g}",
-                        stop_on_divergence=cfg.train.stop_on_divergence)
+    with recorder or contextlib.nullcontext():  # on disk (running) from here, closed however the run ends
+        losses = train_loop(model, optimizer, loader, lambda m, batch: m(**batch), max_steps=cfg.train.steps,
+                            epochs=math.ceil(cfg.train.steps / len(loader)), grad_clip=cfg.train.grad_clip,
+                            accelerator=accelerator, recorder=recorder, desc=f"{name} text_lr={cfg.text_lr:g}",
+                            stop_on_divergence=cfg.train.stop_on_divergence)
 
-    # -- inference: fuse LoRA at fusion_scale, one image per seed, black-image share (+ CLIP scores)
-    final = {"final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])), "steps_done": len(losses)}
-    if accelerator.is_main_process:
-        model = accelerator.unwrap_model(model)
-        final.update(unet_lora_delta=D.lora_delta_norm(model.unet),
-                     text_lora_delta=D.lora_delta_norm(model.text_encoder),
-                     token_embedding_delta=(model.text_encoder.get_input_embeddings().weight[new_ids].detach()
-                                            - start_rows).norm().item())
-        prompt_ids = D.tokenize(sd.tokenizer, [cfg.sample.prompt, ""])
-        D.fuse_sample_and_finish(cfg, model, prompt_ids, sd.noise_scheduler, dataset, recorder, final)
+        # -- inference: fuse LoRA at fusion_scale, one image per seed, black-image share (+ CLIP scores)
+        final = {"final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])), "steps_done": len(losses)}
+        if accelerator.is_main_process:
+            model = accelerator.unwrap_model(model)
+            final.update(unet_lora_delta=D.lora_delta_norm(model.unet),
+                         text_lora_delta=D.lora_delta_norm(model.text_encoder),
+                         token_embedding_delta=(model.text_encoder.get_input_embeddings().weight[new_ids].detach()
+                                                - start_rows).norm().item())
+            prompt_ids = D.tokenize(sd.tokenizer, [cfg.sample.prompt, ""])
+            D.fuse_sample_and_finish(cfg, model, prompt_ids, sd.noise_scheduler, dataset, recorder, final)
     return final.get("black_share", float("nan"))
 
 

@@ -13,9 +13,12 @@ from .distributed import check_launch, launch_info, make_accelerator, needs_cpu_
 from .experiments import load_module
 from .loop import RecorderCallback, TrainingDiverged, train_loop
 from .optimizers import ALL_OPTIMIZERS, HPARAMS, OPTIMIZER_NAMES, PEER_NAMES, build_optimizer, trainer_optimizer
-from .paths import REPO_ROOT, default_data_root, require_path
+from .paths import REPO_ROOT, default_data_root, is_local_path, require_path, require_writable_folder
 from .peers import build_peer
-from .records import SCHEMA_VERSION, RunRecord, RunRecorder, default_run_name, hardware_info, load_records
+from .records import (
+    SCHEMA_VERSION, RecordLockedError, RunInterrupted, RunRecord, RunRecorder, config_hash, default_run_name,
+    hardware_info, load_records,
+)  # fmt: skip
 from .resolvers import register_resolvers
 from .seeding import seed_everything
 
@@ -23,8 +26,10 @@ register_resolvers()
 
 __all__ = [
     "build_optimizer", "trainer_optimizer", "OPTIMIZER_NAMES", "PEER_NAMES", "ALL_OPTIMIZERS", "HPARAMS", "build_peer",
-    "RunRecorder", "RunRecord", "load_records", "hardware_info", "default_run_name", "SCHEMA_VERSION",
+    "RunRecorder", "RunRecord", "load_records", "hardware_info", "default_run_name", "config_hash", "SCHEMA_VERSION",
+    "RecordLockedError", "RunInterrupted",
     "train_loop", "RecorderCallback", "TrainingDiverged",
     "make_accelerator", "check_launch", "needs_cpu_backend", "launch_info", "record_tags",
-    "REPO_ROOT", "default_data_root", "require_path", "register_resolvers", "seed_everything", "load_module",
+    "REPO_ROOT", "default_data_root", "require_path", "require_writable_folder", "is_local_path", "register_resolvers",
+    "seed_everything", "load_module",
 ]  # fmt: skip

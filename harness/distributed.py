@@ -2,7 +2,7 @@
 the accelerator set up for it, and what the run's record says about it.
 
 >>> accelerator = make_accelerator()           # DDP over gloo when torchrun starts several processes on a CPU
->>> launch = launch_info(accelerator.num_processes, batch_per_process=8)
+>>> launch = launch_info(accelerator.num_processes, batch_per_process=8)   # {} for one process
 >>> recorder = RunRecorder(..., tags=record_tags(tags, launch), launch=launch)
 
 The launches that start several processes, and what each sets: ``torchrun --nproc_per_node N`` and
@@ -101,7 +101,11 @@ def make_accelerator(**kwargs: Any):
 
 
 def launch_info(world_size: int, batch_per_process: int, grad_accum: int = 1) -> dict[str, int]:
-    """The record's ``launch`` entry: processes, the batch each takes a micro-step, and the global batch a step."""
+    """The record's ``launch`` entry (hashed into its default name): with several processes, their number, the batch
+    each takes a micro-step and the global batch a step; ``{}`` for one process, whose batch is its config's, so a
+    one-process record's name and content stay those of a run recorded before ``launch`` existed."""
+    if int(world_size) == 1:
+        return {}
     return {"world_size": int(world_size), "batch_per_process": int(batch_per_process), "grad_accum": int(grad_accum),
             "global_batch": int(world_size) * int(batch_per_process) * int(grad_accum)}
 
@@ -112,4 +116,4 @@ def record_tags(tags: dict[str, Any], launch: dict[str, int]) -> dict[str, Any]:
     name stay as they are."""
     if "world_size" in tags:
         raise ValueError(f"tags.world_size={tags['world_size']!r} is set by the launch, not the config: remove it")
-    return {**tags, "world_size": launch["world_size"]} if launch["world_size"] > 1 else dict(tags)
+    return {**tags, "world_size": launch["world_size"]} if launch.get("world_size", 1) > 1 else dict(tags)

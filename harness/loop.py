@@ -21,7 +21,11 @@ __all__ = ["train_loop", "mean_over_processes", "RecorderCallback", "TrainingDiv
 
 
 class TrainingDiverged(FloatingPointError):
-    """The loss or a gradient became inf/nan."""
+    """The loss or a gradient became inf/nan (at optimizer step ``step``, when known)."""
+
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step
 
 
 def mean_over_processes(value: torch.Tensor, accelerator: Any = None) -> torch.Tensor:
@@ -54,9 +58,9 @@ def train_loop(
     Each step: ``loss_fn(model, batch)``, backward (through ``accelerator`` when given), optional gradient-norm
     clipping, ``optimizer.step()``, ``scheduler.step()``, ``zero_grad``. Logs ``loss``, ``lr``, ``time_s`` (the
     whole step) and ``opt_time_s`` (the optimizer step alone) to ``recorder``; ``eval_fn(step)`` every
-    ``eval_every`` steps goes to ``recorder.log_metrics``. A non-finite loss or gradient raises
-    :class:`TrainingDiverged`, or with ``stop_on_divergence`` ends training and records ``diverged_at_step``
-    (what an LR sweep wants: the run is reported as diverged, not dropped).
+    ``eval_every`` steps goes to ``recorder.log_metrics``, which rewrites a started record on disk. A non-finite loss
+    or gradient raises :class:`TrainingDiverged` (with its ``step``), or with ``stop_on_divergence`` ends training
+    and records ``diverged_at_step`` (what an LR sweep wants: the run is reported as diverged, not dropped).
 
     With several processes the step loss is the mean of the processes' losses, all-reduced before it is checked
     and logged, so every rank stops at the same step and returns the same losses; a ``loss_fn`` that normalises
@@ -76,7 +80,7 @@ def train_loop(
                 step_loss = mean_over_processes(loss.detach(), accelerator)  # what every rank logs and checks
                 try:
                     if not torch.isfinite(step_loss):
-                        raise TrainingDiverged(f"loss is {step_loss.item()} at step {step + 1}")
+                        raise TrainingDiverged(f"loss is {step_loss.item()} at step {step + 1}", step + 1)
                     accelerator.backward(loss) if accelerator is not None else loss.backward()
                     if grad_clip:
                         clip = accelerator.clip_grad_norm_ if accelerator is not None else nn.utils.clip_grad_norm_
@@ -88,10 +92,12 @@ def train_loop(
                     opt_time = time.perf_counter() - opt_start
                 except (TrainingDiverged, NonFiniteGradientError) as err:
                     if not stop_on_divergence:
-                        raise TrainingDiverged(f"training diverged at step {step + 1}: {err}") from err
+                        raise TrainingDiverged(f"training diverged at step {step + 1}: {err}", step + 1) from err
                     warnings.warn(f"training diverged at step {step + 1}, stopping: {err}", stacklevel=2)
                     if recorder is not None:
                         recorder.record.final_metrics["diverged_at_step"] = step + 1
+                        if recorder.is_open:
+                            recorder.save()
                     return losses
                 if scheduler is not None:
                     scheduler.step()
@@ -116,7 +122,8 @@ def train_loop(
 
 
 def RecorderCallback(recorder: RunRecorder):
-    """A ``transformers.TrainerCallback`` that writes the Trainer's loss, lr, eval metrics and step times.
+    """A ``transformers.TrainerCallback`` that writes the Trainer's loss, lr, eval metrics and step times; a started
+    record is rewritten at every evaluation and every checkpoint the Trainer saves.
 
     A function, not a class, so that ``import harness`` does not import transformers: the callback's class is
     defined inside it.
@@ -146,6 +153,10 @@ def RecorderCallback(recorder: RunRecorder):
                 )  # fmt: skip
             evals = {k.removeprefix("eval_"): v for k, v in logs.items() if k.startswith("eval_")}
             if evals:
-                recorder.log_metrics(state.global_step, **evals)
+                recorder.log_metrics(state.global_step, **evals)  # rewrites a started record
+
+        def on_save(self, args, state, control, **kwargs):
+            if recorder.is_open:  # the Trainer wrote a checkpoint: so does the record
+                recorder.save()
 
     return _RecorderCallback()

@@ -1,48 +1,110 @@
-"""One results schema for every experiment: a JSON record per run, written by :class:`RunRecorder`.
+"""One results schema for every experiment: a JSON record per run, written by :class:`RunRecorder` from the start
+of the run to its end.
 
-``results/<experiment>/<run_name>.json`` holds::
+``<results_dir>/<experiment>/<run_name>.json`` holds::
 
-    schema_version, experiment, optimizer, hparams, seed, config, tags, run_name, command, created,
+    schema_version, experiment, optimizer, hparams, seed, config, tags, launch, run_name, config_hash, command,
+    created, updated, status, error, files,
     hardware {device, cpu, gpu, torch, threads},
-    launch {world_size, batch_per_process, grad_accum, global_batch} (how it ran; {} in older records),
     steps [{step, loss, lr, time_s, ...}], evals [{step, ...}], final_metrics {...}, step_time_s (median time_s)
-    status (optional: running | done | diverged | failed | interrupted; absent in older records)
 
-``run_name`` defaults to a slug of optimizer, learning rate, ``reg`` (for the optimizers that have one), seed and
-tags, so re-running one configuration replaces its record and runs that differ in any of these keep their own.
-``main_figures/`` reads records with :func:`load_records`.
+Lifecycle (``status``). ``with RunRecorder(...) as recorder:`` (or :meth:`RunRecorder.start`) writes the record at
+once with ``status: running``; every evaluation (:meth:`RunRecorder.log_metrics`) and checkpoint
+(:meth:`RunRecorder.save`) rewrites it; it is closed with ``done`` or ``diverged`` (:meth:`RunRecorder.finish`;
+``diverged`` when the final metrics carry ``diverged_at_step`` or ``diverged: true``), ``failed`` (an exception
+left the ``with`` block: ``error`` holds its type and message) or ``interrupted`` (KeyboardInterrupt, or SIGTERM,
+which the ``with`` block turns into :class:`RunInterrupted`). A ``FloatingPointError`` leaving the block
+(:class:`harness.TrainingDiverged`, :class:`core.NonFiniteGradientError`) closes it as ``diverged``. Every write is
+atomic (a temporary file, then ``os.replace``), so a killed run leaves its last complete record, never half a file.
+Files that belong to the record (GPT-2's predictions, the diffusion samples) are written through
+:meth:`RunRecorder.output_file`: atomically, named after the record, listed in ``files`` (paths relative to the
+record's folder).
+
+Naming. ``run_name`` defaults to :func:`default_run_name`: a readable slug
+``<optimizer>_lr<lr>[_reg<reg>]_seed<seed>[_<tag>-<value>...]`` and ``_<config_hash>``, 8 hex digits of the
+sha256 of the optimizer, hparams, seed, tags, the resolved config less :data:`HASH_EXCLUDED_KEYS` (what cannot
+change the results) and the caller's ``launch`` dict (e.g. ``{"world_size": 2}``). Two runs whose configurations
+differ never share a record; re-running one configuration replaces its record.
+
+One run per record at a time. Starting a run creates ``<run_name>.lock`` beside the record (atomically, with
+``O_EXCL``; it holds pid, host, start time and command) and removes it when the record is closed. A second run of
+the same record stops before any work with :class:`RecordLockedError`; a lock left by a killed process is reported
+as stale, with the command that removes it, and is never removed silently.
+
+Finished records are kept until a finished run replaces them. A run whose record exists and is finished (``done``,
+``diverged``, or a record written before ``status`` existed) works under ``<run_name>.pending.json`` (its files
+named after that) and only replaces ``<run_name>.json`` and its files when it is finished too; if it fails or is
+interrupted, the finished record stays untouched and the pending one says what happened (:func:`load_records`
+leaves pending records out unless asked). A record that is not finished (``failed``, ``interrupted``, or
+``running`` without a lock) is replaced by the next run of its configuration.
+
+:func:`load_records` reads records of every schema version in :data:`READABLE_SCHEMA_VERSIONS` (version 1 had no
+``status``, ``error``, ``files``, ``launch``, ``config_hash`` or ``updated``; tables infer how such a run ended).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import platform
 import re
+import shutil
+import signal
+import socket
 import statistics
 import sys
+import threading
 import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 __all__ = [
-    "RunRecord", "RunRecorder", "load_records", "hardware_info", "default_run_name", "SCHEMA_VERSION",
-    "InvalidRecordWarning", "RUN_STATUSES",
+    "RunRecord", "RunRecorder", "load_records", "hardware_info", "default_run_name", "config_hash", "SCHEMA_VERSION",
+    "READABLE_SCHEMA_VERSIONS", "InvalidRecordWarning", "RUN_STATUSES", "FINISHED_STATUSES", "HASH_EXCLUDED_KEYS",
+    "RecordLockedError", "RunInterrupted", "run_slug",
 ]  # fmt: skip
 
-SCHEMA_VERSION = 1
-# The values of a record's optional top-level ``status`` (``None``: a record written before it existed).
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
+# The values of a record's top-level ``status`` (``None``: a schema-1 record, written before it existed).
 RUN_STATUSES = ("running", "done", "diverged", "failed", "interrupted")
+# A record with one of these (or without a status) holds a finished run: only a finished run replaces it.
+FINISHED_STATUSES = ("done", "diverged")
+# Config keys left out of the configuration hash of the default run name: where things are written, how the run
+# is watched and resumed, none of which changes its results. Dotted paths name nested keys.
+HASH_EXCLUDED_KEYS = (
+    "results_dir",  # where records go
+    "output_dir",  # scratch folder (Mistral-7B's Trainer)
+    "run_name",  # the name itself
+    "wandb",  # logging mirror
+    "progress",  # progress bars
+    "threads",  # torch CPU threads
+    "checkpoint",  # checkpoint settings (folder, frequency)
+    "resume",  # what to resume from
+    "hydra",  # Hydra's own settings (run folder, job name), when a config carries them
+)
 
 
 class InvalidRecordWarning(UserWarning):
     """A ``.json`` file of a results folder that is not valid JSON or not a run record; it was skipped."""
+
+
+class RecordLockedError(RuntimeError):
+    """Another run holds the record's lock (or a killed one left it): raised before the run does any work."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """SIGTERM inside a :class:`RunRecorder` ``with`` block (the message names the signal); recorded as
+    ``interrupted``, then re-raised like a KeyboardInterrupt."""
 
 
 def hardware_info() -> dict[str, Any]:
@@ -75,8 +137,12 @@ class RunRecord:
     command: str = ""
     created: str = ""
     schema_version: int = SCHEMA_VERSION
-    status: str | None = None  # one of RUN_STATUSES; None in records written before the field existed
-    launch: dict[str, Any] = field(default_factory=dict)  # harness.launch_info(); {} in older records
+    status: str | None = None  # one of RUN_STATUSES; None in schema-1 records
+    error: dict[str, Any] | None = None  # {"type", "message"} of what ended a failed / interrupted / diverged run
+    files: dict[str, str] = field(default_factory=dict)  # kind -> path relative to the record's folder
+    launch: dict[str, Any] = field(default_factory=dict)  # how the run was launched (e.g. world_size); hashed
+    config_hash: str = ""  # the hash in the default run name ("" in schema-1 records)
+    updated: str = ""  # when the record was last written
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> "RunRecord":
@@ -87,15 +153,22 @@ class RunRecord:
         unknown = set(data) - names
         if missing or unknown:
             raise ValueError(f"{source}: not a run record (missing {sorted(missing)}, unknown {sorted(unknown)})")
-        types = {"experiment": str, "optimizer": str, "hparams": dict, "seed": int}
-        wrong = [f"{k} is {type(data[k]).__name__}" for k, t in types.items() if not isinstance(data[k], t)]
+        types = {"experiment": str, "optimizer": str, "hparams": dict, "seed": int, "files": dict, "launch": dict}
+        wrong = [f"{k} is {type(data[k]).__name__}" for k, t in types.items()
+                 if k in data and not isinstance(data[k], t)]
         if wrong:
             raise ValueError(f"{source}: not a run record ({', '.join(wrong)})")
         if data.get("status") is not None and data["status"] not in RUN_STATUSES:
             raise ValueError(f"{source}: status {data['status']!r}, expected one of {RUN_STATUSES} or null")
-        if data.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
-            raise ValueError(f"{source}: schema_version {data['schema_version']}, expected {SCHEMA_VERSION}")
+        if data.get("schema_version", SCHEMA_VERSION) not in READABLE_SCHEMA_VERSIONS:
+            raise ValueError(f"{source}: schema_version {data['schema_version']}, expected one of "
+                             f"{READABLE_SCHEMA_VERSIONS}")
         return cls(**data)
+
+    @property
+    def finished(self) -> bool:
+        """Whether the record holds a finished run (``done``, ``diverged``, or a schema-1 record)."""
+        return self.status is None or self.status in FINISHED_STATUSES
 
 
 def _slug(value: Any) -> str:
@@ -111,13 +184,60 @@ def _number_slug(value: Any) -> str:
         return _slug(value)
 
 
-def default_run_name(optimizer: str, hparams: dict[str, Any], seed: int, tags: dict[str, Any]) -> str:
-    """``<optimizer>_lr<lr>[_reg<reg>]_seed<seed>[_<tag>-<value>...]`` (tags sorted by name)."""
+def run_slug(optimizer: str, hparams: dict[str, Any], seed: int, tags: dict[str, Any]) -> str:
+    """The readable part of the default run name: ``<optimizer>_lr<lr>[_reg<reg>]_seed<seed>[_<tag>-<value>...]``
+    (tags sorted by name; ``reg`` only for the optimizers that have one)."""
     parts = [optimizer, f"lr{_number_slug(hparams.get('lr', 'na'))}"]
     if "reg" in hparams:
         parts.append(f"reg{_number_slug(hparams['reg'])}")
     parts.append(f"seed{seed}")
     return "_".join(parts + [f"{k}-{_slug(v)}" for k, v in sorted(tags.items())])
+
+
+def _without_excluded(config: dict[str, Any]) -> dict[str, Any]:
+    config = copy.deepcopy(config)
+    for dotted in HASH_EXCLUDED_KEYS:
+        *parents, last = dotted.split(".")
+        node = config
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return config
+
+
+def config_hash(
+    config: dict[str, Any] | None,
+    launch: dict[str, Any] | None = None,
+    *,
+    optimizer: str,
+    hparams: dict[str, Any],
+    seed: int,
+    tags: dict[str, Any],
+) -> str:
+    """8 hex digits of the sha256 of what defines a run: optimizer, hparams, seed, tags, the resolved ``config``
+    without :data:`HASH_EXCLUDED_KEYS` and the ``launch`` dict, as canonical JSON (sorted keys, the values as the
+    record stores them, so a record's stored fields give back its hash)."""
+    payload = {
+        "optimizer": optimizer, "hparams": _plain(dict(hparams)), "seed": int(seed), "tags": _plain(dict(tags)),
+        "config": _without_excluded(_plain(dict(config or {}))), "launch": _plain(dict(launch or {})),
+    }  # fmt: skip
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:8]
+
+
+def default_run_name(
+    optimizer: str,
+    hparams: dict[str, Any],
+    seed: int,
+    tags: dict[str, Any],
+    config: dict[str, Any] | None = None,
+    launch: dict[str, Any] | None = None,
+) -> str:
+    """``<optimizer>_lr<lr>[_reg<reg>]_seed<seed>[_<tag>-<value>...]_<config_hash>`` (:func:`run_slug`,
+    :func:`config_hash`)."""
+    digest = config_hash(config, launch, optimizer=optimizer, hparams=hparams, seed=seed, tags=tags)
+    return f"{run_slug(optimizer, hparams, seed, tags)}_{digest}"
 
 
 def _plain(value: Any) -> Any:
@@ -135,8 +255,63 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _diverged(final_metrics: dict[str, Any]) -> bool:
+    return final_metrics.get("diverged") is True or final_metrics.get("diverged_at_step") is not None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _lock_message(lock: Path, record: Path) -> str:
+    """Why ``lock`` stops a run of ``record``, and what to do."""
+    try:
+        info = json.loads(lock.read_text(encoding="utf-8"))
+        pid, host, started = int(info["pid"]), str(info["host"]), info.get("started", "?")
+        command = info.get("command", "?")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return (f"{record} is locked by {lock}, which cannot be read ({err}); if no run of this configuration is "
+                f"going on, remove the lock: rm '{lock}'")
+    holder = f"process {pid} on {host}, started {started} (`{command}`)"
+    if host != socket.gethostname():
+        return (f"{record} is being written by {holder}, on another host; if that run is no longer going on, remove "
+                f"the lock: rm '{lock}'")
+    if _pid_alive(pid):
+        return (f"another run of this configuration is writing {record}: {holder}. Wait for it to end, or give "
+                f"this run its own run_name")
+    return (f"stale lock {lock}: {holder} is no longer running; it was killed before it could close {record}, "
+            f"which says how far it got. Nothing was changed. To run this configuration again, remove the lock: "
+            f"rm '{lock}'")
+
+
 class RunRecorder:
-    """Collects one run's record; optionally mirrors scalars to Weights & Biases (offline by default)."""
+    """One run's record, on disk from the start of the run to its end; optionally mirrored to Weights & Biases
+    (offline by default).
+
+    Use it as a context manager around the whole run (see the module docstring for the lifecycle)::
+
+        with RunRecorder(results_dir, "gpt2_e2e", "scaled_adamw", hparams, seed, config=cfg) as recorder:
+            ...  # train_loop(..., recorder=recorder); evaluations are written as they come
+            recorder.finish(final_metrics)
+
+    :meth:`finish` on a recorder that was never started starts it first (a record written in one go).
+    """
 
     def __init__(
         self,
@@ -151,26 +326,196 @@ class RunRecorder:
         wandb: dict[str, Any] | bool | None = None,
         launch: dict[str, Any] | None = None,
     ):
-        """``launch`` (:func:`harness.launch_info`): the processes and the per-process and global batch."""
         tags = dict(tags or {})
-        if run_name is None:
-            run_name = default_run_name(optimizer, hparams, seed, tags)
-        self.path = Path(results_dir) / experiment / f"{run_name}.json"
         self.record = RunRecord(
             experiment=experiment, optimizer=optimizer, hparams=_plain(dict(hparams)), seed=int(seed),
-            config=_plain(dict(config or {})), tags=_plain(tags), run_name=run_name, hardware=hardware_info(),
-            command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"), launch=_plain(dict(launch or {})),
+            config=_plain(dict(config or {})), tags=_plain(tags), launch=_plain(dict(launch or {})),
+            hardware=hardware_info(), command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]), created=_now(),
         )  # fmt: skip
+        record = self.record
+        record.config_hash = config_hash(record.config, record.launch, optimizer=optimizer, hparams=record.hparams,
+                                         seed=record.seed, tags=record.tags)  # fmt: skip
+        record.run_name = run_name or "_".join([run_slug(optimizer, record.hparams, record.seed, record.tags),
+                                                record.config_hash])
+        self._locate(Path(results_dir) / experiment)
+        self._write_path: Path | None = None  # the file this run writes: path, or pending_path (module docstring)
+        self._reopened = False
+        self._started = self._closed = False
+        self._sigterm_handler: list = []  # the handler to restore, while the with block holds SIGTERM
+        self._wandb_settings = wandb
         self._wandb = None
-        if wandb:
+
+    def _locate(self, folder: Path) -> None:
+        name = self.record.run_name
+        self.folder = folder
+        self.path = folder / f"{name}.json"  # the record once finished
+        self.pending_path = folder / f"{name}.pending.json"  # a re-run of a finished record, until it finishes
+        self.lock_path = folder / f"{name}.lock"
+
+    @classmethod
+    def reopen(cls, path: str | os.PathLike) -> "RunRecorder":
+        """A recorder for an existing record, e.g. to score a failed run's predictions later
+        (``GPT-2/evaluate.py --record``). Starting it takes the record's lock; the record keeps its status until
+        the recorder closes it (:meth:`finish`, or an exception leaving the ``with`` block)."""
+        path = Path(path)
+        self = cls.__new__(cls)
+        self.record = _read_record(path)
+        self._locate(path.parent)
+        if path.resolve() not in (self.path.resolve(), self.pending_path.resolve()):
+            raise ValueError(f"{path}: a record named after its run_name {self.record.run_name!r} was expected "
+                             f"({self.path.name} or {self.pending_path.name})")
+        self._write_path = path
+        self._reopened = True
+        self._started = self._closed = False
+        self._sigterm_handler = []
+        self._wandb_settings = self._wandb = None
+        return self
+
+    @property
+    def is_open(self) -> bool:
+        """Whether the record is started and not closed yet (what :meth:`save` and :meth:`output_file` need)."""
+        return self._started and not self._closed
+
+    @property
+    def write_path(self) -> Path:
+        """The file this run writes: :attr:`path`, or :attr:`pending_path` while it re-runs a finished record."""
+        return self._write_path or self.path
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+
+    def check_can_start(self) -> None:
+        """Raise what :meth:`start` would raise, without taking the lock: :class:`RecordLockedError` when the record
+        is locked, ``ValueError`` when its file exists but is not a run record. For a run to stop before it loads
+        anything (:meth:`start` takes the lock atomically later, when the work that a record is for begins)."""
+        if self.lock_path.exists():
+            raise RecordLockedError(_lock_message(self.lock_path, self.path))
+        if not self._reopened and self.path.exists():
+            _read_record(self.path)
+
+    def start(self) -> "RunRecorder":
+        """Take the record's lock and write it with ``status: running`` (a reopened record keeps its status); start
+        the wandb mirror if asked.
+
+        Raises :class:`RecordLockedError` when another run holds the lock (or a killed one left it), and
+        ``ValueError`` when the record's file exists but is not a run record; nothing is written then."""
+        if self._started:
+            return self
+        self.folder.mkdir(parents=True, exist_ok=True)
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now(), "command": self.record.command}
+        try:
+            fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            raise RecordLockedError(_lock_message(self.lock_path, self.path)) from None
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(info, f)
+        try:
+            if not self._reopened:
+                existing = _read_record(self.path) if self.path.exists() else None
+                self._write_path = self.pending_path if existing is not None and existing.finished else self.path
+                self.record.status = "running"
+                self.record.error = None
+            self._started = True
+            if not self._reopened:
+                self._write()
+        except BaseException:
+            self._started = False
+            self.lock_path.unlink(missing_ok=True)
+            raise
+        if self._wandb_settings:
             import wandb as wandb_lib  # only for the runs that mirror to it: it is slow to import
 
             settings = {"mode": "offline", "project": "riemannian-preconditioned-lora"}
-            settings.update(wandb if isinstance(wandb, dict) else {})
-            self._wandb = wandb_lib.init(
-                name=run_name, config={"optimizer": optimizer, **self.record.hparams, "tags": tags}, **settings
-            )
+            settings.update(self._wandb_settings if isinstance(self._wandb_settings, dict) else {})
+            record = self.record
+            self._wandb = wandb_lib.init(name=record.run_name, **settings,
+                                         config={"optimizer": record.optimizer, **record.hparams, "tags": record.tags})
+        return self
+
+    def __enter__(self) -> "RunRecorder":
+        self.start()
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+            self._sigterm_handler = [signal.SIG_DFL if previous is None else previous]  # None: not set from Python
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        while self._sigterm_handler:
+            signal.signal(signal.SIGTERM, self._sigterm_handler.pop())
+        if self._closed:
+            return False
+        if exc is None:
+            self._close("failed", {"type": "RuntimeError", "message": "the run ended without RunRecorder.finish()"})
+            raise RuntimeError(f"{self.write_path}: the run ended without RunRecorder.finish(); recorded as failed")
+        error = {"type": exc_type.__name__, "message": str(exc)}
+        if isinstance(exc, KeyboardInterrupt):
+            self._close("interrupted", error)
+        elif isinstance(exc, FloatingPointError):  # TrainingDiverged, NonFiniteGradientError
+            if getattr(exc, "step", None) is not None:
+                self.record.final_metrics.setdefault("diverged_at_step", exc.step)
+            self._close("diverged", error)
+        else:
+            self._close("failed", error)
+        print(f"record {self.write_path}: {self.record.status} ({error['type']}: {error['message'][:500]})",
+              file=sys.stderr)
+        return False
+
+    def finish(self, final_metrics: dict[str, Any] | None = None, status: str | None = None) -> Path:
+        """Close the record with ``final_metrics`` merged in, and return its path.
+
+        ``status`` defaults to ``diverged`` when the final metrics carry ``diverged_at_step`` or ``diverged:
+        true``, else ``done``. A re-run of a finished record replaces it (and its files) now."""
+        if self._closed:
+            raise RuntimeError(f"{self.write_path} is already closed ({self.record.status})")
+        self.start()
+        self.record.final_metrics.update(_plain(dict(final_metrics or {})))
+        if status is None:
+            status = "diverged" if _diverged(self.record.final_metrics) else "done"
+        if status not in RUN_STATUSES or status == "running":
+            raise ValueError(f"finish(status={status!r}): expected one of {RUN_STATUSES[1:]}")
+        self._close(status, self.record.error if status in ("failed", "interrupted") else None)
+        return self.write_path
+
+    def _close(self, status: str, error: dict[str, Any] | None) -> None:
+        self.record.status, self.record.error = status, error
+        try:
+            if self.write_path == self.pending_path and status in FINISHED_STATUSES:
+                self._promote()
+            else:
+                self._write()
+        finally:
+            self._closed = True
+            self.lock_path.unlink(missing_ok=True)
+            if self._wandb is not None:
+                self._wandb.summary.update(self.record.final_metrics)
+                self._wandb.finish()
+
+    def _promote(self) -> None:
+        """The finished re-run replaces the finished record: first the record (still naming the pending files, which
+        exist), then each file is copied to its final name, then the record names those; the pending files go last.
+        Whenever the process is killed, the record under the final name is either the old one beside its own files,
+        or the new one naming files of the new run."""
+        pending_stem = self.pending_path.name.removesuffix(".json")
+        final_stem = self.path.name.removesuffix(".json")
+        self._write(self.path)
+        moves = {}
+        for kind, rel in self.record.files.items():
+            name = Path(rel).name
+            if not name.startswith(pending_stem):
+                continue  # not written by this attempt
+            src = self.folder / rel
+            dst = src.with_name(final_stem + name[len(pending_stem):])
+            tmp = dst.with_name(dst.name + ".tmp")
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+            moves[kind] = (src, dst.relative_to(self.folder).as_posix())
+        self.record.files.update({kind: rel for kind, (_, rel) in moves.items()})
+        self._write(self.path)
+        for src, _ in moves.values():
+            src.unlink(missing_ok=True)
+        self.pending_path.unlink(missing_ok=True)
+        self._write_path = self.path
+
+    # -- what the run logs ---------------------------------------------------------------------------------------
 
     def log_step(self, step: int, **scalars: Any) -> None:
         """Per-step scalars, e.g. ``loss``, ``lr`` and ``time_s`` (wall-clock seconds of the step)."""
@@ -180,25 +525,59 @@ class RunRecorder:
             self._wandb.log({f"train/{k}": v for k, v in entry.items() if k != "step"}, step=int(step))
 
     def log_metrics(self, step: int | None = None, **metrics: Any) -> None:
-        """Evaluation metrics during training."""
+        """Evaluation metrics during training; the record on disk is rewritten with them (once started)."""
         entry = {"step": step, **_plain(metrics)}
         self.record.evals.append(entry)
         if self._wandb is not None:
             self._wandb.log({f"eval/{k}": v for k, v in entry.items() if k != "step"}, step=step)
+        if self.is_open:
+            self._write()
 
-    def finish(self, final_metrics: dict[str, Any] | None = None) -> Path:
-        """Write the record (``results_dir/<experiment>/<run_name>.json``) and return its path."""
+    def save(self, final_metrics: dict[str, Any] | None = None) -> Path:
+        """Rewrite the record as it stands (at a checkpoint, or with the results so far in ``final_metrics``, e.g.
+        before a step that may fail); the run stays ``running``. Returns the file written."""
+        if not self.is_open:
+            raise RuntimeError(f"{self.path}: save() needs a started, open record (start() or a with block)")
         self.record.final_metrics.update(_plain(dict(final_metrics or {})))
-        times = [s["time_s"] for s in self.record.steps if s.get("time_s") is not None]
-        self.record.step_time_s = statistics.median(times) if times else None
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(dataclasses.asdict(self.record), indent=1) + "\n")
-        tmp.replace(self.path)
-        if self._wandb is not None:
-            self._wandb.summary.update(self.record.final_metrics)
-            self._wandb.finish()
-        return self.path
+        self._write()
+        return self.write_path
+
+    @contextlib.contextmanager
+    def output_file(self, kind: str, suffix: str) -> Iterator[Path]:
+        """A file that belongs to the record, e.g. ``output_file("predictions", ".tsv")``: yields a temporary path to
+        write; when the block succeeds the file is moved (``os.replace``) to ``<kind>/<record file name><suffix>``
+        beside the record, listed in ``record.files[kind]``, and the record is rewritten. If the block fails, the
+        temporary file is removed and nothing else changes."""
+        if not self.is_open:
+            raise RuntimeError(f"{self.path}: output_file() needs a started, open record (start() or a with block)")
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", kind) or not re.fullmatch(r"(\.[A-Za-z0-9]+)+", suffix):
+            raise ValueError(f"output_file({kind!r}, {suffix!r}): kind is a folder name, suffix like '.tsv'")
+        target = self.folder / kind / (self.write_path.name.removesuffix(".json") + suffix)
+        tmp = target.with_name(target.name.removesuffix(suffix) + ".tmp" + suffix)  # keeps the suffix (PIL's format)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            yield tmp
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        if not tmp.is_file():
+            raise FileNotFoundError(f"output_file({kind!r}): nothing was written to {tmp}")
+        os.replace(tmp, target)
+        self.record.files[kind] = target.relative_to(self.folder).as_posix()
+        self._write()
+
+    def _write(self, path: Path | None = None) -> None:
+        record = self.record
+        times = [s["time_s"] for s in record.steps if s.get("time_s") is not None]
+        record.step_time_s = statistics.median(times) if times else None
+        record.schema_version, record.updated = SCHEMA_VERSION, _now()
+        path = path or self.write_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(path, json.dumps(dataclasses.asdict(record), indent=1) + "\n")
+
+
+def _raise_interrupted(signum, frame) -> None:
+    raise RunInterrupted(signal.Signals(signum).name)
 
 
 def _read_record(path: Path) -> RunRecord:
@@ -210,9 +589,11 @@ def _read_record(path: Path) -> RunRecord:
 
 
 def load_records(
-    results_dir: str | os.PathLike, experiment: str | None = None, on_invalid: str = "raise"
+    results_dir: str | os.PathLike, experiment: str | None = None, on_invalid: str = "raise", pending: bool = False
 ) -> list[RunRecord]:
-    """All records under ``results_dir`` (or its ``experiment`` folder), sorted by path.
+    """All records under ``results_dir`` (or its ``experiment`` folder), sorted by path. The re-runs of finished
+    records (``*.pending.json``: running, or failed / interrupted beside the finished record they did not replace)
+    only with ``pending=True``: a configuration's result is its finished record.
 
     A ``.json`` file that is not valid JSON or not a run record raises ``ValueError`` naming the file
     (``on_invalid="raise"``), or is skipped with an :class:`InvalidRecordWarning` naming it (``"warn"``).
@@ -225,6 +606,8 @@ def load_records(
     pattern = f"{experiment}/*.json" if experiment else "*/*.json"
     records = []
     for path in sorted(root.glob(pattern)):
+        if path.name.endswith(".pending.json") and not pending:
+            continue
         try:
             records.append(_read_record(path))
         except ValueError as err:

@@ -287,11 +287,12 @@ def run_and_record(cfg: DictConfig, problem: Problem, optim: dict) -> tuple[RunR
         tags={"kappa": problem.kappa, "conditioning": problem.conditioning},
         wandb=OmegaConf.to_container(cfg.wandb) if cfg.wandb else None,
     )  # fmt: skip
-    result = run_one(
-        problem, optim, max_iters=cfg.max_iters, tol=cfg.tol, diverge_at=cfg.diverge_at, log_every=cfg.log_every,
-        recorder=recorder,
-    )  # fmt: skip
-    return result, recorder.finish(final_metrics=result.metrics(cfg.tol, cfg.max_iters))
+    with recorder:  # on disk (running) from here, closed done / diverged, or failed / interrupted
+        result = run_one(
+            problem, optim, max_iters=cfg.max_iters, tol=cfg.tol, diverge_at=cfg.diverge_at, log_every=cfg.log_every,
+            recorder=recorder,
+        )  # fmt: skip
+        return result, recorder.finish(final_metrics=result.metrics(cfg.tol, cfg.max_iters))
 
 
 def grid_jobs(cfg: DictConfig) -> list[tuple[str, float, str, float]]:

@@ -35,8 +35,7 @@ def _record(root, experiment, optimizer, lr, metrics, tags, seed=0, step_time=0.
     rec = RunRecorder(root, experiment, optimizer, {"lr": lr}, seed=seed, tags=tags)
     for step in range(3):
         rec.log_step(step, loss=1.0 / (step + 1), lr=lr, time_s=step_time)
-    rec.record.status = status
-    return rec.finish(metrics)
+    return rec.finish(metrics, status=status)
 
 
 def write_fixture_results(root: Path) -> Path:

@@ -143,8 +143,15 @@ def test_run_outcome_reads_status_then_the_legacy_markers():
 def _gpt2_run(results, optimizer, lr, metrics, sweep, status=None):
     r = RunRecorder(results, "gpt2_e2e", optimizer, {"lr": lr}, 110, tags={"preset": "smollm2_cpu", "sweep": sweep})
     r.log_step(1, loss=2.0, lr=lr, time_s=0.1)
-    r.record.status = status
-    return r.finish({**metrics, "steps": 1, "test_mrs": 20})
+    return _close(r, {**metrics, "steps": 1, "test_mrs": 20}, status)
+
+
+def _close(recorder, metrics, status):
+    """Write the record with ``status`` (None: as finish() infers it; running: started and saved, never closed)."""
+    if status == "running":
+        recorder.start()
+        return recorder.save(metrics)
+    return recorder.finish(metrics, status=status)
 
 
 def _scores(x):
@@ -184,8 +191,7 @@ def test_a_diverged_or_failed_gpt2_run_is_marked_in_every_table_and_figure(tmp_p
 def _glue_run(results, optimizer, lr, accuracy, seed=42, extra=None, status=None):
     r = RunRecorder(results, "glue", optimizer, {"lr": lr}, seed, tags={"preset": "minilm_sst2", "task": "sst2"})
     r.log_step(1, loss=0.7, lr=lr, time_s=0.15)
-    r.record.status = status
-    return r.finish({"accuracy": accuracy, **(extra or {})})
+    return _close(r, {"accuracy": accuracy, **(extra or {})}, status)
 
 
 def test_mistral_sweep_table_robustness_and_diverged_runs(tmp_path):

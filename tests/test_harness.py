@@ -35,8 +35,9 @@ def test_recorder_round_trip(tmp_path):
     rec.log_step(3, loss=1.5, lr=8e-4, time_s=0.3)
     rec.log_metrics(3, accuracy=0.5)
     path = rec.finish({"BLEU": 0.61})
-    assert path == tmp_path / "demo" / "scaled_adamw_lr0.0008_seed3_preset-tiny.json"
+    assert path == tmp_path / "demo" / f"scaled_adamw_lr0.0008_seed3_preset-tiny_{rec.record.config_hash}.json"
     (record,) = load_records(tmp_path, "demo")
+    assert record.status == "done" and record.run_name == path.stem and len(record.config_hash) == 8
     assert record.hparams == {"lr": 8e-4, "betas": [0.7, 0.8]}
     assert record.final_metrics == {"BLEU": 0.61} and record.step_time_s == pytest.approx(0.3)
     assert record.steps[1]["loss"] is None and record.evals == [{"step": 3, "accuracy": 0.5}]
@@ -45,11 +46,13 @@ def test_recorder_round_trip(tmp_path):
 
 def test_default_run_name_carries_reg_so_a_reg_sweep_keeps_every_run(tmp_path):
     names = {
-        RunRecorder(tmp_path, "demo", "scaled_gd", {"lr": "1e-3", "reg": reg}, seed=0, tags={"kappa": 10}).path.name
+        RunRecorder(tmp_path, "demo", "scaled_gd", {"lr": "1e-3", "reg": reg}, seed=0, tags={"kappa": 10}).path.stem
         for reg in (0.0, 1e-6, 1e-6)
     }
-    assert names == {"scaled_gd_lr0.001_reg0_seed0_kappa-10.json", "scaled_gd_lr0.001_reg1e-06_seed0_kappa-10.json"}
-    assert default_run_name("sgd", {"lr": 0.1}, 1, {}) == "sgd_lr0.1_seed1"
+    assert {name.rsplit("_", 1)[0] for name in names} == {"scaled_gd_lr0.001_reg0_seed0_kappa-10",
+                                                          "scaled_gd_lr0.001_reg1e-06_seed0_kappa-10"}
+    assert len(names) == 2
+    assert default_run_name("sgd", {"lr": 0.1}, 1, {}).startswith("sgd_lr0.1_seed1_")
 
 
 def test_load_records_rejects_foreign_json(tmp_path):

@@ -202,8 +202,7 @@ def test_mistral_train_builds_its_optimizer_through_the_trainer_factory(tmp_path
     assert sum(len(g["pairs"]) for g in optimizer.param_groups) == 10  # q, k, v, o, gate in 2 layers
     assert type(trainer.lr_scheduler).__name__ == "LambdaLR" and trainer.args.lr_scheduler_type == "cosine"
     record = json.loads(next((tmp_path / "results" / "glue").glob("*.json")).read_text())
-    assert record["launch"] == {"world_size": 1, "batch_per_process": 2, "grad_accum": 1, "global_batch": 2}
-    assert "world_size" not in record["tags"]
+    assert record["launch"] == {} and "world_size" not in record["tags"]  # one process: as before launch existed
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -213,11 +212,11 @@ def test_launch_info_and_the_world_size_tag():
     launch = harness.launch_info(4, batch_per_process=8, grad_accum=2)
     assert launch == {"world_size": 4, "batch_per_process": 8, "grad_accum": 2, "global_batch": 64}
     one = harness.launch_info(1, 8)
-    assert harness.record_tags({"preset": "tiny"}, one) == {"preset": "tiny"}
+    assert one == {} and harness.record_tags({"preset": "tiny"}, one) == {"preset": "tiny"}
     tags = harness.record_tags({"preset": "tiny"}, launch)
     assert tags == {"preset": "tiny", "world_size": 4}
     names = {harness.default_run_name("adamw", {"lr": 1e-3}, 0, t) for t in ({"preset": "tiny"}, tags)}
-    assert len(names) == 2
+    assert len(names) == 2 and any("_world_size-4" in n for n in names)
     with pytest.raises(ValueError, match="tags.world_size=2 is set by the launch"):
         harness.record_tags({"world_size": 2}, launch)
 
@@ -226,8 +225,12 @@ def test_the_record_holds_the_launch_and_older_records_without_it_still_load(tmp
     launch = harness.launch_info(2, 4)
     recorder = harness.RunRecorder(tmp_path, "exp", "adamw", {"lr": 1e-3}, 0, tags=harness.record_tags({}, launch),
                                    launch=launch)
-    record = json.loads(recorder.finish().read_text())
-    assert record["launch"] == launch and record["run_name"] == "adamw_lr0.001_seed0_world_size-2"
+    with recorder:
+        path = recorder.finish()
+    record = json.loads(path.read_text())
+    assert record["launch"] == launch and record["run_name"].startswith("adamw_lr0.001_seed0_world_size-2_")
+    single = harness.RunRecorder(tmp_path, "exp", "adamw", {"lr": 1e-3}, 0, launch=harness.launch_info(1, 8))
+    assert single.record.run_name == harness.default_run_name("adamw", {"lr": 1e-3}, 0, {})  # as before launch
     del record["launch"]  # a record written before the field existed
     assert harness.RunRecord.from_dict(record).launch == {}
 
@@ -297,9 +300,10 @@ def test_gpt2_with_two_processes_writes_one_record_equal_to_one_process_with_the
     (one_path,) = (tmp_path / "one" / "gpt2_e2e").glob("*.json")
     two, single = json.loads(two_path.read_text()), json.loads(one_path.read_text())
     assert two["launch"] == {"world_size": 2, "batch_per_process": 2, "grad_accum": 1, "global_batch": 4}
-    assert single["launch"] == {"world_size": 1, "batch_per_process": 4, "grad_accum": 1, "global_batch": 4}
+    assert single["launch"] == {}
     assert two["tags"] == {"preset": "tiny", "world_size": 2} and single["tags"] == {"preset": "tiny"}
-    assert two_path.stem == one_path.stem + "_world_size-2"
+    assert "_world_size-2_" in two_path.stem and "world_size" not in one_path.stem
+    assert two_path.stem.split("_world_size-2_")[0] == one_path.stem.rsplit("_", 1)[0]  # same slug up to the tag
     assert [e["step"] for e in two["evals"]] == [e["step"] for e in single["evals"]] == [2, 3]
     valid_two, valid_one = ([e["valid_loss"] for e in r["evals"]] for r in (two, single))
     assert abs(valid_one[1] - valid_one[0]) > 100 * 1e-5  # the steps move the loss far more than the tolerance
@@ -358,7 +362,7 @@ def test_an_lr_sweep_through_the_local_submitit_launcher_writes_a_record_per_job
     assert "Submitit 'local' sweep output dir" in done.stdout + done.stderr
     records = [json.loads(p.read_text()) for p in sorted((tmp_path / "results" / "gpt2_e2e").glob("*.json"))]
     assert sorted(r["hparams"]["lr"] for r in records) == [1e-3, 1e-2]
-    assert all(r["launch"]["world_size"] == 1 and len(r["steps"]) == 3 for r in records)
+    assert all(r["launch"] == {} and len(r["steps"]) == 3 for r in records)
     assert len(list((tmp_path / "multirun" / ".submitit").glob("*/*_0_log.out"))) == 2  # two submitit jobs
 
 

@@ -1,9 +1,10 @@
 """The run plumbing the two diffusion ``train.py`` share, reading their Hydra config.
 
-:func:`start_run` (seed, threads, accelerator, data and results folders), :func:`load_lora_components`,
-:func:`concept_folder`, :func:`make_recorder` and :func:`fuse_sample_and_finish` (fuse, sample, score, write the
-record). The config keys they read: ``seed``, ``threads``, ``data.root``, ``results_dir``, ``tags`` (``preset``),
-``wandb``, and the experiment's own groups (``model``, ``lora``, ``concept``, ``train``, ``sample``).
+:func:`preflight` (what could fail late, checked first), :func:`start_run` (seed, threads, accelerator, data and
+results folders), :func:`load_lora_components`, :func:`concept_folder`, :func:`make_recorder` and
+:func:`fuse_sample_and_finish` (fuse, sample, score, write the record and its samples). The config keys they
+read: ``seed``, ``threads``, ``data.root``, ``results_dir``, ``tags`` (``preset``), ``wandb``, and the experiment's
+own groups (``model``, ``lora``, ``concept``, ``train``, ``sample``).
 """
 
 from __future__ import annotations
@@ -15,26 +16,45 @@ from accelerate import Accelerator
 from omegaconf import OmegaConf
 
 from ..distributed import launch_info, make_accelerator, record_tags
-from ..paths import require_path
+from ..paths import is_local_path, require_path, require_writable_folder
 from ..records import RunRecorder
 from ..seeding import seed_everything
+from .data import _concept_files
 from .models import LoraDiffusionModel, SDComponents, add_lora, fuse_lora, load_components
 from .sampling import make_sampler, sample_and_score, to_pil
 
-__all__ = ["start_run", "load_lora_components", "concept_folder", "make_recorder", "fuse_sample_and_finish"]
+__all__ = ["preflight", "start_run", "load_lora_components", "concept_folder", "make_recorder",
+           "fuse_sample_and_finish"]  # fmt: skip
 
 
-def start_run(cfg) -> tuple[Accelerator, Path, Path]:
-    """The opening of a diffusion run: seed (``cfg.seed``), torch CPU threads (``cfg.threads``; null: torch's
-    default), the accelerator (:func:`harness.make_accelerator`: the processes the launcher started, or a clear
-    error); returns ``(accelerator, data_root, results_dir)`` = ``cfg.data.root`` and
-    ``cfg.results_dir`` as paths."""
-    seed_everything(cfg.seed)
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
+def preflight(cfg, experiment: str) -> None:
+    """Everything that could fail after training, checked before anything is loaded: the data folder, the concept
+    images, the tiny model's tokenizer files (or a local Stable Diffusion folder), a local CLIP model, and a
+    writable ``<results_dir>/<experiment>/samples`` folder. Each failure is a clear error naming the problem."""
     if cfg.data.root is None:
         raise ValueError("data.root is null: set it to the folder holding concepts/ and gpt2-tokenizer/ "
                          "(default ${data_root:}: $RPLORA_DATA or <repo>/../shared/data)")
+    data_root = require_path(cfg.data.root, "data.root")
+    _concept_files(concept_folder(cfg, data_root))
+    if cfg.model.pretrained:
+        if is_local_path(cfg.model.pretrained):
+            require_path(cfg.model.pretrained, "model.pretrained")
+    else:
+        require_path(cfg.model.gpt2_dir or Path(data_root) / "gpt2-tokenizer", "tokenizer folder model.gpt2_dir")
+    if cfg.sample.clip_model and is_local_path(cfg.sample.clip_model):
+        require_path(cfg.sample.clip_model, "sample.clip_model")
+    require_writable_folder(Path(cfg.results_dir).expanduser() / experiment / "samples", "results folder")
+
+
+def start_run(cfg, experiment: str) -> tuple[Accelerator, Path, Path]:
+    """The opening of a diffusion run: :func:`preflight`, seed (``cfg.seed``), torch CPU threads (``cfg.threads``;
+    null: torch's default), the accelerator (:func:`harness.make_accelerator`: the processes the launcher started,
+    or a clear error); returns ``(accelerator, data_root, results_dir)`` = ``cfg.data.root``
+    and ``cfg.results_dir`` as paths."""
+    preflight(cfg, experiment)
+    seed_everything(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
     accelerator = make_accelerator(mixed_precision=cfg.train.mixed_precision)
     return accelerator, Path(cfg.data.root).expanduser(), Path(cfg.results_dir).expanduser()
 
@@ -57,10 +77,13 @@ def concept_folder(cfg, data_root: str | Path) -> Path:
 
 
 def make_recorder(cfg, experiment: str, optimizer: str, hparams: dict, results_dir: str | Path, accelerator,
-                  **extra_hparams):
-    """The run's :class:`harness.RunRecorder`: the optimizer's hyperparameters, the text-encoder/UNet settings and
-    ``extra_hparams``; the tags of ``cfg.tags`` (``preset``) with concept, text_lr (and variant), and world_size
-    with several processes (:func:`harness.record_tags`); ``cfg.wandb`` on the main process only."""
+                  **extra_hparams) -> RunRecorder | None:
+    """The run's :class:`harness.RunRecorder` on the main process (None on the others): the optimizer's
+    hyperparameters, the text-encoder/UNet settings and ``extra_hparams``; the tags of ``cfg.tags`` (``preset``)
+    with concept, text_lr (and variant), and world_size with several processes (:func:`harness.record_tags`);
+    ``launch`` (:func:`harness.launch_info`); ``cfg.wandb``."""
+    if not accelerator.is_main_process:
+        return None
     launch = launch_info(accelerator.num_processes, cfg.train.batch_size)
     return RunRecorder(
         results_dir, experiment, optimizer=optimizer, seed=cfg.seed,
@@ -69,8 +92,7 @@ def make_recorder(cfg, experiment: str, optimizer: str, hparams: dict, results_d
         config=OmegaConf.to_container(cfg, resolve=True),
         tags=record_tags({**OmegaConf.to_container(cfg.tags, resolve=True), "concept": cfg.concept.name,
                           "text_lr": cfg.text_lr, **({"variant": cfg.variant} if cfg.variant else {})}, launch),
-        launch=launch,
-        wandb=OmegaConf.to_container(cfg.wandb) if cfg.wandb and accelerator.is_main_process else None,
+        launch=launch, wandb=OmegaConf.to_container(cfg.wandb) if cfg.wandb else None,
     )  # fmt: skip
 
 
@@ -79,14 +101,17 @@ def fuse_sample_and_finish(cfg, model: LoraDiffusionModel, prompt_ids: torch.Ten
     """The end of a diffusion run (main process): fuse the LoRA weights at ``cfg.fusion_scale``, generate one image
     per ``cfg.sample.seeds`` from ``prompt_ids`` = [prompt, empty prompt], score them (black share, CLIP against the
     class word and the concept images if ``cfg.sample.clip_model``), save the strip beside the record as
-    ``samples/<run_name>.png``, and write the record with ``final`` updated by these metrics; returns ``final``."""
+    ``samples/<record name>.png`` (atomically, listed in the record's ``files``), and close the record with
+    ``final`` updated by these metrics; returns ``final``."""
+    recorder.save(final_metrics=final)  # the training results are on disk before sampling
     fuse_lora(model.unet, cfg.fusion_scale)
     fuse_lora(model.text_encoder, cfg.fusion_scale)
-    final.update(sample_and_score(
-        model, make_sampler(cfg.sample.sampler, train_scheduler), prompt_ids[0], prompt_ids[1], cfg.sample.seeds,
-        cfg.data.resolution, cfg.sample.steps, cfg.sample.guidance_scale, cfg.sample.black_threshold,
-        strip_path=Path(recorder.path).parent / "samples" / f"{recorder.record.run_name}.png",
-        clip_model=cfg.sample.clip_model, references=[to_pil(x[None])[0] for x in dataset.images],
-        clip_text=cfg.sample.prompt.replace(cfg.data.placeholder, cfg.concept.class_word)))  # fmt: skip
+    with recorder.output_file("samples", ".png") as strip_path:
+        final.update(sample_and_score(
+            model, make_sampler(cfg.sample.sampler, train_scheduler), prompt_ids[0], prompt_ids[1], cfg.sample.seeds,
+            cfg.data.resolution, cfg.sample.steps, cfg.sample.guidance_scale, cfg.sample.black_threshold,
+            strip_path=strip_path, clip_model=cfg.sample.clip_model,
+            references=[to_pil(x[None])[0] for x in dataset.images],
+            clip_text=cfg.sample.prompt.replace(cfg.data.placeholder, cfg.concept.class_word)))  # fmt: skip
     print(f"{recorder.finish(final)}: black images {final['black_count']}/{final['num_images']}")
     return final
