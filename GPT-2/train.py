@@ -3,7 +3,7 @@
     python GPT-2/train.py optim=adamw                                    # the paper recipe (GPT-2 medium)
     python GPT-2/train.py preset=smollm2_cpu optim=scaled_adamw          # CPU-sized reproduction
     python GPT-2/train.py -m preset=smollm2_cpu sweep=lr_adamw_vs_scaled_adamw
-    accelerate launch GPT-2/train.py optim=scaled_adamw                  # multi-GPU (DDP)
+    torchrun --nproc_per_node 4 GPT-2/train.py optim=scaled_adamw       # 4 processes (DDP; gloo on a CPU)
 
 Config: GPT-2/conf/config.yaml (every default commented there). Before anything is loaded, everything that could
 fail after training is checked (:func:`preflight`: the data files, the model files, java and the METEOR jar when
@@ -41,20 +41,46 @@ from models import check_model_source, load_model  # noqa: E402
 EXPERIMENT = "gpt2_e2e"
 
 
-def lm_loss(model: torch.nn.Module, batch: dict, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Next-token cross-entropy on the target tokens (labels != -100), with label smoothing."""
+def lm_loss(model: torch.nn.Module, batch: dict, label_smoothing: float = 0.0, accelerator=None) -> torch.Tensor:
+    """Next-token cross-entropy on the target tokens (labels != -100), with label smoothing: their mean.
+
+    With several processes (``accelerator``) the mean is over the global batch's target tokens: each rank returns
+    its tokens' sum times the number of processes over the global count, so DDP's mean of the ranks' gradients
+    and the mean of the ranks' losses are those of one process taking the whole global batch.
+    """
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
-                           ignore_index=-100, label_smoothing=label_smoothing)
+    logits, targets = logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten()
+    if accelerator is None or accelerator.num_processes == 1:
+        return F.cross_entropy(logits, targets, ignore_index=-100, label_smoothing=label_smoothing)
+    total = F.cross_entropy(logits, targets, ignore_index=-100, label_smoothing=label_smoothing, reduction="sum")
+    count = accelerator.reduce((targets != -100).sum(), reduction="sum")
+    return total * accelerator.num_processes / count
+
+
+def validation_batches(dataset, batch_size: int, rank: int, world_size: int) -> list[list[int]]:
+    """This rank's validation batches: consecutive batches of ``batch_size`` (the global batch), every
+    ``world_size``-th one from the ``rank``-th, each evaluated whole by one rank, so the validation loss does not
+    depend on the number of processes."""
+    starts = range(rank * batch_size, len(dataset), world_size * batch_size)
+    return [list(range(start, min(start + batch_size, len(dataset)))) for start in starts]
 
 
 @torch.no_grad()
-def mean_loss(model: torch.nn.Module, loader: torch.utils.data.DataLoader) -> float:
-    """Plain (unsmoothed) target-token loss over a loader: the validation criterion."""
+def mean_loss(model: torch.nn.Module, loader: torch.utils.data.DataLoader, accelerator=None) -> float:
+    """Plain (unsmoothed) target-token loss, the mean over the validation batches: the validation criterion.
+
+    With several processes each takes its share of the batches (``validation_batches``) and the sums and counts
+    are all-reduced.
+    """
     model.eval()
-    losses = [lm_loss(model, batch).item() for batch in loader]
+    device = accelerator.device if accelerator is not None else None
+    losses = [lm_loss(model, {k: v.to(device) for k, v in batch.items()} if device else batch).item()
+              for batch in loader]
     model.train()
-    return sum(losses) / len(losses)
+    if accelerator is None or accelerator.num_processes == 1:
+        return sum(losses) / len(losses)
+    total = accelerator.reduce(torch.tensor([sum(losses), len(losses)], dtype=torch.float64, device=device), "sum")
+    return (total[0] / total[1]).item()
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -84,13 +110,16 @@ def preflight(cfg: DictConfig) -> None:
     harness.require_writable_folder(Path(cfg.results_dir) / EXPERIMENT / "predictions", "results folder")
 
 
-def make_recorder(cfg: DictConfig) -> harness.RunRecorder:
-    """The run's record (``<results_dir>/gpt2_e2e/<run_name>.json``; the default name from the resolved config)."""
+def make_recorder(cfg: DictConfig, launch: dict | None = None) -> harness.RunRecorder:
+    """The run's record (``<results_dir>/gpt2_e2e/<run_name>.json``; the default name from the resolved config and
+    ``launch``, :func:`harness.launch_info`: several processes add it and the ``world_size`` tag)."""
     optim_cfg = OmegaConf.to_container(cfg.optim, resolve=True)
+    launch = launch or {}
     return harness.RunRecorder(
         cfg.results_dir, experiment=EXPERIMENT, optimizer=cfg.optim.name,
         hparams={k: v for k, v in optim_cfg.items() if k != "name"}, seed=int(cfg.seed),
-        config=OmegaConf.to_container(cfg, resolve=True), tags=OmegaConf.to_container(cfg.tags, resolve=True),
+        config=OmegaConf.to_container(cfg, resolve=True), launch=launch,
+        tags=harness.record_tags(OmegaConf.to_container(cfg.tags, resolve=True), launch),
         run_name=cfg.run_name, wandb=OmegaConf.to_container(cfg.wandb) if cfg.wandb else None,
     )  # fmt: skip
 
@@ -100,10 +129,9 @@ def main(cfg: DictConfig) -> float:
     preflight(cfg)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
-    from accelerate import Accelerator
-
-    accelerator = Accelerator()
-    recorder = make_recorder(cfg) if accelerator.is_main_process else None
+    accelerator = harness.make_accelerator()  # stops on a launch that would not join its processes
+    launch = harness.launch_info(accelerator.num_processes, int(cfg.train.batch_size))
+    recorder = make_recorder(cfg, launch) if accelerator.is_main_process else None
     if recorder is not None:
         recorder.check_can_start()  # another run of this configuration stops here, before anything is loaded
     return run(cfg, accelerator, recorder)
@@ -119,13 +147,18 @@ def run(cfg: DictConfig, accelerator, recorder: harness.RunRecorder | None) -> f
     n_trainable = count_trainable(model)
 
     collate_fn = partial(collate, pad_id=tokenizer.pad_token_id)
-    make_loader = partial(torch.utils.data.DataLoader, batch_size=int(cfg.train.batch_size), collate_fn=collate_fn)
-    train_loader = make_loader(E2EDataset(splits["train"], tokenizer, int(cfg.data.max_length)), shuffle=True,
-                               generator=torch.Generator().manual_seed(int(cfg.seed)))
-    valid_loader = make_loader(E2EDataset(splits["validation"], tokenizer, int(cfg.data.max_length)))
+    # Each process takes batch_size examples a step; accelerate gives rank r the batches r, r + N, ... of this
+    # loader, so a step's global batch is the one-process run's batch of N * batch_size (same shuffled order).
+    train_loader = torch.utils.data.DataLoader(
+        E2EDataset(splits["train"], tokenizer, int(cfg.data.max_length)), batch_size=int(cfg.train.batch_size),
+        collate_fn=collate_fn, shuffle=True, generator=torch.Generator().manual_seed(int(cfg.seed)))
+    valid_set = E2EDataset(splits["validation"], tokenizer, int(cfg.data.max_length))
+    valid_loader = torch.utils.data.DataLoader(valid_set, collate_fn=collate_fn, batch_sampler=validation_batches(
+        valid_set, int(cfg.train.batch_size) * accelerator.num_processes, accelerator.process_index,
+        accelerator.num_processes))
     optim_cfg = OmegaConf.to_container(cfg.optim, resolve=True)
     optimizer = harness.build_optimizer(model, **optim_cfg)
-    model, optimizer, train_loader, valid_loader = accelerator.prepare(model, optimizer, train_loader, valid_loader)
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     total_steps = cfg.train.max_steps or int(cfg.train.epochs) * len(train_loader)
     from transformers import get_linear_schedule_with_warmup
 
@@ -136,15 +169,15 @@ def run(cfg: DictConfig, accelerator, recorder: harness.RunRecorder | None) -> f
 
         def evaluate(step: int) -> dict[str, float]:
             """Validation loss; keep the trainable state with the lowest one (model selection)."""
-            local = torch.tensor(mean_loss(model, valid_loader), device=accelerator.device)
-            loss = accelerator.reduce(local, reduction="mean").item()  # the mean over processes under DDP
+            loss = mean_loss(accelerator.unwrap_model(model), valid_loader, accelerator)  # the same on every rank
             if loss < best["loss"]:
                 best.update(loss=loss, step=step, state=trainable_state(accelerator.unwrap_model(model)))
             return {"valid_loss": loss}
 
         eval_every = int(cfg.train.eval_every or len(train_loader))
         losses = harness.train_loop(
-            model, optimizer, train_loader, partial(lm_loss, label_smoothing=float(cfg.train.label_smoothing)),
+            model, optimizer, train_loader,
+            partial(lm_loss, label_smoothing=float(cfg.train.label_smoothing), accelerator=accelerator),
             scheduler=scheduler, max_steps=cfg.train.max_steps, epochs=int(cfg.train.epochs),
             grad_clip=cfg.train.grad_clip, accelerator=accelerator, recorder=recorder,
             desc=f"train {cfg.optim.name} lr={cfg.optim.lr:g}", eval_fn=evaluate, eval_every=eval_every,

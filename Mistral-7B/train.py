@@ -3,10 +3,12 @@
     python Mistral-7B/train.py task=rte optim=scaled_adamw            # the paper recipe (GPU, 4-bit NF4)
     python Mistral-7B/train.py preset=minilm_sst2 optim=adamw         # MiniLM-L6 + SST-2, ~1 min on a CPU
     python Mistral-7B/train.py task=mrpc optim=scaled_adamw --cfg job # lr 5e-5, reg 100 (conf/tables/paper.yaml)
-    accelerate launch Mistral-7B/train.py task=qnli                   # several GPUs (data parallel)
+    torchrun --nproc_per_node 4 Mistral-7B/train.py task=qnli         # 4 processes (DDP; gloo on a CPU)
 
-The optimizer is `harness.build_optimizer(model, **cfg.optim)`, handed to an unmodified `Trainer` through
-`optimizers=(optimizer, scheduler)`; the run is recorded by `harness.RecorderCallback` into
+The optimizer is `harness.build_optimizer(model, **cfg.optim)`, built by an unmodified `Trainer` through
+`optimizer_cls_and_kwargs=(core.trainer_optimizer(name, build=harness.build_optimizer), hparams)` over the model it
+trains (the route Trainer also takes under FSDP), with Trainer's own scheduler (`train.scheduler`,
+`train.warmup_ratio`); the run is recorded by `harness.RecorderCallback` into
 <results_dir>/glue/<run_name>.json, on disk from the start of training (`status: running`, rewritten at every
 evaluation and checkpoint) and closed however the run ends. Before anything is loaded, `preflight` checks what could
 fail after training (the data files, a local model folder, bitsandbytes, writable results and output folders).
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import math
 import sys
 from pathlib import Path
 
@@ -29,10 +30,10 @@ import config_groups  # noqa: E402
 import glue_data  # noqa: E402
 from glue_metrics import compute_metrics_fn, primary_metric  # noqa: E402
 
-from core import NonFiniteGradientError  # noqa: E402
+from core import NonFiniteGradientError, trainer_optimizer  # noqa: E402
 from harness import (  # noqa: E402
-    RecorderCallback, RunRecorder, build_optimizer, is_local_path, require_path, require_writable_folder,
-    seed_everything,
+    RecorderCallback, RunRecorder, build_optimizer, check_launch, is_local_path, launch_info, needs_cpu_backend,
+    record_tags, require_path, require_writable_folder, seed_everything,
 )  # fmt: skip
 
 EXPERIMENT = "glue"
@@ -163,14 +164,6 @@ def load_data(cfg: DictConfig, tokenizer):
     return data["train"], {split: data[split] for split in splits}
 
 
-def total_steps(cfg: DictConfig, n_train: int, world_size: int) -> int:
-    """Optimizer steps of the whole run (what the LR schedule spans)."""
-    if cfg.train.max_steps > 0:
-        return cfg.train.max_steps
-    per_epoch = math.ceil(n_train / (cfg.train.batch_size * world_size)) // cfg.train.grad_accum
-    return max(1, per_epoch) * cfg.train.epochs
-
-
 def final_metrics(metrics_by_split: dict[str, dict]) -> dict[str, float]:
     """Trainer's eval dicts -> flat record metrics: the first dev split unprefixed, the others prefixed
     by their short name (mnli: accuracy = matched, mismatched_accuracy)."""
@@ -187,10 +180,13 @@ def final_metrics(metrics_by_split: dict[str, dict]) -> dict[str, float]:
 
 def train(cfg: DictConfig) -> float:
     """Fine-tune, evaluate, record; returns the task's Table-2 metric on the first dev split."""
-    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, get_scheduler
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
     task = cfg.task.name
     preflight(cfg)
+    if not 0 <= cfg.train.warmup_ratio < 1:
+        raise ValueError(f"train.warmup_ratio must lie in [0, 1), got {cfg.train.warmup_ratio!r}")
+    check_launch()
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     seed_everything(cfg.seed)
@@ -204,24 +200,24 @@ def train(cfg: DictConfig) -> float:
         gradient_accumulation_steps=cfg.train.grad_accum, num_train_epochs=cfg.train.epochs,
         max_steps=cfg.train.max_steps, learning_rate=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
         max_grad_norm=cfg.train.max_grad_norm, logging_steps=cfg.train.logging_steps,
-        eval_strategy=cfg.train.eval_strategy, bf16=cfg.train.bf16,
-        dataloader_num_workers=cfg.train.num_workers, use_cpu=cfg.train.use_cpu)
+        eval_strategy=cfg.train.eval_strategy, bf16=cfg.train.bf16, dataloader_num_workers=cfg.train.num_workers,
+        lr_scheduler_type=cfg.train.scheduler, warmup_steps=cfg.train.warmup_ratio,  # < 1: a fraction of the steps
+        use_cpu=cfg.train.use_cpu or needs_cpu_backend())  # torchrun on a machine without CUDA: DDP over gloo
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
-    optimizer = build_optimizer(model, **optim)
-    steps = total_steps(cfg, len(train_set), args.world_size)
-    scheduler = get_scheduler(cfg.train.scheduler, optimizer, num_training_steps=steps,
-                              num_warmup_steps=math.ceil(cfg.train.warmup_ratio * steps))
+    hparams = {k: v for k, v in optim.items() if k != "name"}
+    # Trainer builds it (build_optimizer(model, name, **hparams)) over the model it trains, then its scheduler
+    factory = trainer_optimizer(optim["name"], build=build_optimizer)
     trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_sets,
                       processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
-                      compute_metrics=compute_metrics_fn(task), optimizers=(optimizer, scheduler))
+                      compute_metrics=compute_metrics_fn(task), optimizer_cls_and_kwargs=(factory, hparams))
 
     recorder = None
     if trainer.is_world_process_zero():
-        hparams = {k: v for k, v in optim.items() if k != "name"}
+        launch = launch_info(args.world_size, cfg.train.batch_size, cfg.train.grad_accum)
         recorder = RunRecorder(
             cfg.results_dir, experiment=EXPERIMENT, optimizer=optim["name"],
-            hparams=hparams, seed=cfg.seed, config=OmegaConf.to_container(cfg, resolve=True),
-            tags=OmegaConf.to_container(cfg.tags, resolve=True), run_name=cfg.run_name or None,
+            hparams=hparams, seed=cfg.seed, config=OmegaConf.to_container(cfg, resolve=True), launch=launch,
+            tags=record_tags(OmegaConf.to_container(cfg.tags, resolve=True), launch), run_name=cfg.run_name or None,
             wandb=OmegaConf.to_container(cfg.wandb) if cfg.wandb else None)
         trainer.add_callback(RecorderCallback(recorder))
 

@@ -4,14 +4,14 @@
 >>> opt = build_optimizer(model, "scaled_adamw", lr=8e-4, betas=(0.7, 0.8), weight_decay=0.01, reg=1e-6)
 """
 
-from .factory import HPARAMS, OPTIMIZER_NAMES, build_optimizer
+from .factory import HPARAMS, OPTIMIZER_NAMES, build_optimizer, trainer_optimizer
 from .optimizers import NonFiniteGradientError, ScaledAdamW, ScaledGD
 from .pairing import LoraPair, LoraPairingError, find_lora_pairs
 from .preconditioner import preconditioned_directions
 from .reference import ScaledAdamWReference, ScaledGDReference
 
 __all__ = [
-    "build_optimizer", "OPTIMIZER_NAMES", "HPARAMS",
+    "build_optimizer", "trainer_optimizer", "OPTIMIZER_NAMES", "HPARAMS",
     "ScaledGD", "ScaledAdamW", "ScaledGDReference", "ScaledAdamWReference", "NonFiniteGradientError",
     "find_lora_pairs", "LoraPair", "LoraPairingError", "preconditioned_directions",
 ]  # fmt: skip

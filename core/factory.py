@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import functools
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -11,7 +12,7 @@ from .optimizers import ScaledAdamW, ScaledGD
 from .pairing import find_lora_pairs
 from .sharded import check_parameters_not_flattened
 
-__all__ = ["build_optimizer", "OPTIMIZER_NAMES", "HPARAMS"]
+__all__ = ["build_optimizer", "trainer_optimizer", "OPTIMIZER_NAMES", "HPARAMS"]
 
 OPTIMIZER_NAMES = ("sgd", "scaled_gd", "adamw", "scaled_adamw")  # the paper's four
 
@@ -97,3 +98,43 @@ def build_optimizer(
     param_groups = [g for g in groups.values() if g["lora_pairs"] or g["params"]]
     cls = ScaledGD if name in ("sgd", "scaled_gd") else ScaledAdamW
     return cls(param_groups, precondition=scaled, **hparams)
+
+
+class _TrainerOptimizer:
+    """What :func:`trainer_optimizer` returns: ``factory()`` gives the ``(model, **hparams) -> optimizer`` builder."""
+
+    def __init__(self, name: str, build: Callable[..., torch.optim.Optimizer]):
+        self.name, self.build = name, build
+
+    def __call__(self) -> Callable[..., torch.optim.Optimizer]:
+        return functools.partial(self.build, name=self.name)
+
+    def __repr__(self) -> str:
+        return f"trainer_optimizer({self.name!r})"
+
+
+def trainer_optimizer(
+    name: str, build: Callable[..., torch.optim.Optimizer] | None = None
+) -> Callable[[], Callable[..., torch.optim.Optimizer]]:
+    """The optimizer factory that Transformers' ``Trainer`` takes in ``optimizer_cls_and_kwargs``::
+
+        Trainer(model, args, optimizer_cls_and_kwargs=(trainer_optimizer("scaled_adamw"), {"lr": 5e-5, "reg": 100.0}))
+
+    Trainer calls a first element that is not an ``Optimizer`` subclass as ``factory()(model, **kwargs)`` when it
+    creates its optimizer, with the model it trains (under FSDP2, before accelerate shards it and moves the
+    optimizer onto the shards), so this builds ``build_optimizer(model, name, **kwargs)``: the LoRA pairs are found
+    by name and preconditioned, the other trainable parameters get the plain update. It is the route that works
+    where Trainer refuses ``optimizers=(optimizer, scheduler)`` (FSDP), and the scheduler stays Trainer's
+    (``lr_scheduler_type``, warm-up) over the optimizer's ``lr``. Handing the class itself,
+    ``(ScaledAdamW, {...})``, would give it Trainer's two plain weight-decay groups: nothing would be paired.
+
+    Args:
+        name: one of :data:`OPTIMIZER_NAMES`.
+        build: what builds it, ``build(model, name=name, **kwargs)``; default :func:`build_optimizer`.
+            ``harness.trainer_optimizer`` passes ``harness.build_optimizer`` (the peers too), which checks the name.
+    """
+    if build is None:
+        if name not in OPTIMIZER_NAMES:
+            raise ValueError(f"unknown optimizer {name!r}; expected one of {list(OPTIMIZER_NAMES)}")
+        build = build_optimizer
+    return _TrainerOptimizer(name, build)

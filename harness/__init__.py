@@ -9,9 +9,10 @@ Importing it registers the ``${repo_root:}``, ``${data_root:}`` and ``${package_
 import it where it is used, or live in :mod:`harness.diffusion`.
 """
 
+from .distributed import check_launch, launch_info, make_accelerator, needs_cpu_backend, record_tags
 from .experiments import load_module
 from .loop import RecorderCallback, TrainingDiverged, train_loop
-from .optimizers import ALL_OPTIMIZERS, HPARAMS, OPTIMIZER_NAMES, PEER_NAMES, build_optimizer
+from .optimizers import ALL_OPTIMIZERS, HPARAMS, OPTIMIZER_NAMES, PEER_NAMES, build_optimizer, trainer_optimizer
 from .paths import REPO_ROOT, default_data_root, is_local_path, require_path, require_writable_folder
 from .peers import build_peer
 from .records import (
@@ -24,10 +25,11 @@ from .seeding import seed_everything
 register_resolvers()
 
 __all__ = [
-    "build_optimizer", "OPTIMIZER_NAMES", "PEER_NAMES", "ALL_OPTIMIZERS", "HPARAMS", "build_peer",
+    "build_optimizer", "trainer_optimizer", "OPTIMIZER_NAMES", "PEER_NAMES", "ALL_OPTIMIZERS", "HPARAMS", "build_peer",
     "RunRecorder", "RunRecord", "load_records", "hardware_info", "default_run_name", "config_hash", "SCHEMA_VERSION",
     "RecordLockedError", "RunInterrupted",
     "train_loop", "RecorderCallback", "TrainingDiverged",
+    "make_accelerator", "check_launch", "needs_cpu_backend", "launch_info", "record_tags",
     "REPO_ROOT", "default_data_root", "require_path", "require_writable_folder", "is_local_path", "register_resolvers",
     "seed_everything", "load_module",
 ]  # fmt: skip

@@ -17,7 +17,7 @@ from core import NonFiniteGradientError
 
 from .records import RunRecorder
 
-__all__ = ["train_loop", "RecorderCallback", "TrainingDiverged"]
+__all__ = ["train_loop", "mean_over_processes", "RecorderCallback", "TrainingDiverged"]
 
 
 class TrainingDiverged(FloatingPointError):
@@ -26,6 +26,13 @@ class TrainingDiverged(FloatingPointError):
     def __init__(self, message: str, step: int | None = None):
         super().__init__(message)
         self.step = step
+
+
+def mean_over_processes(value: torch.Tensor, accelerator: Any = None) -> torch.Tensor:
+    """The mean of ``value`` over the run's processes (all-reduced; ``value`` itself with one process)."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return value
+    return accelerator.reduce(value, reduction="mean")
 
 
 def train_loop(
@@ -54,6 +61,10 @@ def train_loop(
     ``eval_every`` steps goes to ``recorder.log_metrics``, which rewrites a started record on disk. A non-finite loss
     or gradient raises :class:`TrainingDiverged` (with its ``step``), or with ``stop_on_divergence`` ends training
     and records ``diverged_at_step`` (what an LR sweep wants: the run is reported as diverged, not dropped).
+
+    With several processes the step loss is the mean of the processes' losses, all-reduced before it is checked
+    and logged, so every rank stops at the same step and returns the same losses; a ``loss_fn`` that normalises
+    its rank's loss by the global batch's size makes that mean the loss of the global batch.
     """
     total = max_steps if max_steps is not None else (epochs * len(batches) if hasattr(batches, "__len__") else None)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -66,9 +77,10 @@ def train_loop(
             for batch in batches:
                 start = time.perf_counter()
                 loss = loss_fn(model, batch)
+                step_loss = mean_over_processes(loss.detach(), accelerator)  # what every rank logs and checks
                 try:
-                    if not torch.isfinite(loss.detach()):
-                        raise TrainingDiverged(f"loss is {loss.item()} at step {step + 1}", step + 1)
+                    if not torch.isfinite(step_loss):
+                        raise TrainingDiverged(f"loss is {step_loss.item()} at step {step + 1}", step + 1)
                     accelerator.backward(loss) if accelerator is not None else loss.backward()
                     if grad_clip:
                         clip = accelerator.clip_grad_norm_ if accelerator is not None else nn.utils.clip_grad_norm_
@@ -91,7 +103,7 @@ def train_loop(
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                losses.append(loss.item())
+                losses.append(step_loss.item())
                 if recorder is not None:
                     recorder.log_step(
                         step, loss=losses[-1], lr=optimizer.param_groups[0]["lr"],

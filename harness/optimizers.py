@@ -16,7 +16,7 @@ import core
 
 from .peers import PEER_HPARAMS, PEER_NAMES, build_peer
 
-__all__ = ["OPTIMIZER_NAMES", "PEER_NAMES", "ALL_OPTIMIZERS", "HPARAMS", "build_optimizer"]
+__all__ = ["OPTIMIZER_NAMES", "PEER_NAMES", "ALL_OPTIMIZERS", "HPARAMS", "build_optimizer", "trainer_optimizer"]
 
 OPTIMIZER_NAMES: tuple[str, ...] = tuple(core.OPTIMIZER_NAMES)  # the paper's four
 ALL_OPTIMIZERS: tuple[str, ...] = OPTIMIZER_NAMES + PEER_NAMES
@@ -42,3 +42,13 @@ def build_optimizer(
     if name not in OPTIMIZER_NAMES:
         raise ValueError(f"unknown optimizer '{name}'; expected one of {list(ALL_OPTIMIZERS)}")
     return core.build_optimizer(model, name, group_overrides=group_overrides, **hparams)
+
+
+def trainer_optimizer(name: str):
+    """:func:`core.trainer_optimizer` for any of :data:`ALL_OPTIMIZERS`, built by :func:`build_optimizer`::
+
+        Trainer(model, args, optimizer_cls_and_kwargs=(trainer_optimizer("loraplus"), {"lr": 2e-4}))
+    """
+    if name not in ALL_OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; expected one of {list(ALL_OPTIMIZERS)}")
+    return core.trainer_optimizer(name, build=build_optimizer)

@@ -15,6 +15,7 @@ import torch
 from accelerate import Accelerator
 from omegaconf import OmegaConf
 
+from ..distributed import launch_info, make_accelerator, record_tags
 from ..paths import is_local_path, require_path, require_writable_folder
 from ..records import RunRecorder
 from ..seeding import seed_everything
@@ -47,13 +48,14 @@ def preflight(cfg, experiment: str) -> None:
 
 def start_run(cfg, experiment: str) -> tuple[Accelerator, Path, Path]:
     """The opening of a diffusion run: :func:`preflight`, seed (``cfg.seed``), torch CPU threads (``cfg.threads``;
-    null: torch's default), the accelerator; returns ``(accelerator, data_root, results_dir)`` = ``cfg.data.root``
+    null: torch's default), the accelerator (:func:`harness.make_accelerator`: the processes the launcher started,
+    or a clear error); returns ``(accelerator, data_root, results_dir)`` = ``cfg.data.root``
     and ``cfg.results_dir`` as paths."""
     preflight(cfg, experiment)
     seed_everything(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    accelerator = make_accelerator(mixed_precision=cfg.train.mixed_precision)
     return accelerator, Path(cfg.data.root).expanduser(), Path(cfg.results_dir).expanduser()
 
 
@@ -78,17 +80,19 @@ def make_recorder(cfg, experiment: str, optimizer: str, hparams: dict, results_d
                   **extra_hparams) -> RunRecorder | None:
     """The run's :class:`harness.RunRecorder` on the main process (None on the others): the optimizer's
     hyperparameters, the text-encoder/UNet settings and ``extra_hparams``; the tags of ``cfg.tags`` (``preset``)
-    with concept, text_lr (and variant); ``cfg.wandb``."""
+    with concept, text_lr (and variant), and world_size with several processes (:func:`harness.record_tags`);
+    ``launch`` (:func:`harness.launch_info`); ``cfg.wandb``."""
     if not accelerator.is_main_process:
         return None
+    launch = launch_info(accelerator.num_processes, cfg.train.batch_size)
     return RunRecorder(
         results_dir, experiment, optimizer=optimizer, seed=cfg.seed,
         hparams={**hparams, "text_lr": cfg.text_lr, "text_reg": cfg.text_reg, "unet_reg": cfg.unet_reg,
                  "fusion_scale": cfg.fusion_scale, "steps": cfg.train.steps, **extra_hparams},
         config=OmegaConf.to_container(cfg, resolve=True),
-        tags={**OmegaConf.to_container(cfg.tags, resolve=True), "concept": cfg.concept.name, "text_lr": cfg.text_lr,
-              **({"variant": cfg.variant} if cfg.variant else {})},
-        wandb=OmegaConf.to_container(cfg.wandb) if cfg.wandb else None,
+        tags=record_tags({**OmegaConf.to_container(cfg.tags, resolve=True), "concept": cfg.concept.name,
+                          "text_lr": cfg.text_lr, **({"variant": cfg.variant} if cfg.variant else {})}, launch),
+        launch=launch, wandb=OmegaConf.to_container(cfg.wandb) if cfg.wandb else None,
     )  # fmt: skip
 
 
