@@ -1,5 +1,6 @@
 """What the experiments share, layered above :mod:`core` (which never imports it): run records, the training loop,
-paths, config resolvers, seeding, the peer optimizers; :mod:`harness.diffusion` holds the Stable Diffusion pipeline.
+checkpoints, paths, config resolvers, seeding, the peer optimizers; :mod:`harness.diffusion` holds the Stable
+Diffusion pipeline.
 
 >>> from harness import RunRecorder, build_optimizer, train_loop
 >>> optimizer = build_optimizer(model, "loraplus", lr=2e-4)   # a peer, or one of the paper's four via core
@@ -9,6 +10,7 @@ Importing it registers the ``${repo_root:}``, ``${data_root:}`` and ``${package_
 import it where it is used, or live in :mod:`harness.diffusion`.
 """
 
+from .checkpoint import Checkpointer, ResumableDataset, RunCheckpoints, TrainerCheckpoints, checkpoint_folder
 from .experiments import load_module
 from .loop import RecorderCallback, TrainingDiverged, train_loop
 from .optimizers import ALL_OPTIMIZERS, HPARAMS, OPTIMIZER_NAMES, PEER_NAMES, build_optimizer
@@ -24,5 +26,6 @@ __all__ = [
     "build_optimizer", "OPTIMIZER_NAMES", "PEER_NAMES", "ALL_OPTIMIZERS", "HPARAMS", "build_peer",
     "RunRecorder", "RunRecord", "load_records", "hardware_info", "default_run_name", "SCHEMA_VERSION",
     "train_loop", "RecorderCallback", "TrainingDiverged",
+    "Checkpointer", "TrainerCheckpoints", "RunCheckpoints", "ResumableDataset", "checkpoint_folder",
     "REPO_ROOT", "default_data_root", "require_path", "register_resolvers", "seed_everything", "load_module",
 ]  # fmt: skip

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from core import NonFiniteGradientError
 
+from .checkpoint import Checkpointer, LoopState
 from .records import RunRecorder
 
 __all__ = ["train_loop", "RecorderCallback", "TrainingDiverged"]
@@ -41,6 +42,7 @@ def train_loop(
     eval_every: int | None = None,
     stop_on_divergence: bool = False,
     progress: bool = True,
+    checkpointer: Checkpointer | None = None,
 ) -> list[float]:
     """Train for ``epochs`` passes over ``batches`` (or ``max_steps`` steps); return the per-step losses.
 
@@ -50,16 +52,26 @@ def train_loop(
     ``eval_every`` steps goes to ``recorder.log_metrics``. A non-finite loss or gradient raises
     :class:`TrainingDiverged`, or with ``stop_on_divergence`` ends training and records ``diverged_at_step``
     (what an LR sweep wants: the run is reported as diverged, not dropped).
+
+    With a ``checkpointer`` (:class:`harness.Checkpointer`) the run saves a checkpoint after every
+    ``checkpointer.every``-th step (logged and evaluated) and after the last one, and a resumed run starts where its
+    checkpoint stood: the returned losses are then those of the whole run.
     """
     total = max_steps if max_steps is not None else (epochs * len(batches) if hasattr(batches, "__len__") else None)
     params = [p for p in model.parameters() if p.requires_grad]
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    losses: list[float] = []
-    step = 0
+    position = checkpointer.start(model, optimizer, batches, scheduler, recorder) if checkpointer else LoopState()
+    losses, step = position.losses, position.step
+
+    def done() -> bool:
+        return max_steps is not None and step >= max_steps
+
     model.train()
-    with tqdm(total=total, desc=desc, disable=not progress, dynamic_ncols=True) as bar:
-        for _ in range(epochs):
-            for batch in batches:
+    with tqdm(total=total, initial=step, desc=desc, disable=not progress, dynamic_ncols=True) as bar:
+        for epoch in range(position.epoch, epochs):
+            if done():
+                break
+            for batch in checkpointer.epoch(batches, epoch) if checkpointer else batches:
                 start = time.perf_counter()
                 loss = loss_fn(model, batch)
                 try:
@@ -98,8 +110,12 @@ def train_loop(
                     model.train()
                     if recorder is not None:
                         recorder.log_metrics(step, **metrics)
-                if max_steps is not None and step >= max_steps:
-                    return losses
+                if checkpointer is not None:
+                    checkpointer.step_done(step, losses)
+                if done():
+                    break
+    if checkpointer is not None:
+        checkpointer.finish(step, losses)
     return losses
 
 

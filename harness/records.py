@@ -182,6 +182,19 @@ class RunRecorder:
         if self._wandb is not None:
             self._wandb.log({f"eval/{k}": v for k, v in entry.items() if k != "step"}, step=step)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The record so far (a JSON-safe copy), what a checkpoint keeps; :meth:`load_state_dict` puts it back."""
+        return json.loads(json.dumps(dataclasses.asdict(self.record)))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the record ``state`` (from :meth:`state_dict` of the same run): its steps, evaluations, final
+        metrics and creation time replace this recorder's; this process's config, hardware and command stay."""
+        saved = RunRecord.from_dict(state, "the checkpoint's record")
+        if saved.run_name != self.record.run_name:
+            raise ValueError(f"the checkpoint's record is of run {saved.run_name!r}, not {self.record.run_name!r}")
+        self.record.steps, self.record.evals = saved.steps, saved.evals
+        self.record.final_metrics, self.record.created = saved.final_metrics, saved.created
+
     def finish(self, final_metrics: dict[str, Any] | None = None) -> Path:
         """Write the record (``results_dir/<experiment>/<run_name>.json``) and return its path."""
         self.record.final_metrics.update(_plain(dict(final_metrics or {})))

@@ -1,0 +1,231 @@
+"""Resumable runs: the checkpoint folder's rules (atomic saves, latest, keep, resume=true/false, config checks),
+exact resumes of harness.train_loop (with and without accelerate, augmentations drawing random numbers while
+batches are fetched ahead), and each experiment killed with SIGKILL after its first checkpoint, then resumed: its
+record equals an uninterrupted run's."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from _tiny import LoraDownUp
+from harness import (
+    REPO_ROOT, Checkpointer, ResumableDataset, RunCheckpoints, RunRecorder, build_optimizer, checkpoint_folder,
+    load_records, seed_everything, train_loop,
+)  # fmt: skip
+from harness.checkpoint import LATEST, MANIFEST, config_difference, rng_state, set_rng_state
+
+
+# ------------------------------------------------------------------------------------------------ the folder
+def _fake_checkpoint(checkpoints: RunCheckpoints, step: int, config: dict) -> Path:
+    staging = checkpoints.staging(step)
+    staging.mkdir(parents=True)
+    (staging / "weights.bin").write_bytes(b"x" * step)
+    (staging / "config.json").write_text(json.dumps(config))
+    return checkpoints.seal(staging, step)
+
+
+def test_a_checkpoint_is_complete_only_once_sealed_and_latest_keep_follow(tmp_path):
+    config = {"seed": 0, "train": {"steps": 10}, "checkpoint": {"every": 2}}
+    checkpoints = RunCheckpoints(tmp_path / "run", every=2, keep=2, config=config)
+    assert checkpoints.complete() == [] and checkpoints.resume_from is None
+    for step in (2, 4, 6):
+        final = _fake_checkpoint(checkpoints, step, config)
+        assert final == tmp_path / "run" / f"step-{step}" and (final / MANIFEST).is_file()
+        assert (tmp_path / "run" / LATEST).read_text().strip() == f"step-{step}"
+    assert [s for s, _ in checkpoints.complete()] == [4, 6]  # keep=2: step-2 removed once step-6 was complete
+    half = checkpoints.staging(8)  # a save killed half-way: files, no manifest
+    half.mkdir()
+    (half / "weights.bin").write_bytes(b"partial")
+    unsealed = tmp_path / "run" / "step-10"  # and a checkpoint folder its writer never completed
+    unsealed.mkdir()
+    assert [s for s, _ in checkpoints.complete()] == [4, 6] and checkpoints.incomplete() == [half, unsealed]
+
+    resumed = RunCheckpoints(tmp_path / "run", resume=True, config={**config, "checkpoint": {"every": 5}})
+    assert resumed.resume_from == tmp_path / "run" / "step-6" and resumed.resumed_step == 6
+    assert not half.exists() and not unsealed.exists()  # leftovers of cut-short saves are removed on resume
+
+
+def test_resume_rules_name_the_problem(tmp_path):
+    config = {"seed": 0, "optim": {"lr": 1e-3}, "wandb": None}
+    folder = tmp_path / "run"
+    with pytest.raises(FileNotFoundError, match="resume=true, but .*run' holds no complete checkpoint"):
+        RunCheckpoints(folder, resume=True, config=config)
+    checkpoints = RunCheckpoints(folder, every=1, config=config)
+    _fake_checkpoint(checkpoints, 3, config)
+    with pytest.raises(FileExistsError, match=r"checkpoints up to step 3 in '.*run': resume=true continues it, or "
+                                              "remove that folder"):
+        RunCheckpoints(folder, every=1, config=config)
+    with pytest.raises(ValueError, match=r"another configuration \(optim.lr: 0.001 in the checkpoint, 0.01 now\)"):
+        RunCheckpoints(folder, resume=True, config={**config, "optim": {"lr": 1e-2}})
+    with pytest.raises(ValueError, match="written by 1 processes, this run has 2"):
+        RunCheckpoints(folder, resume=True, config=config, world_size=2)
+    assert RunCheckpoints(folder, resume=True, config={**config, "wandb": {"mode": "offline"}}).resume_from
+    (folder / "step-3" / "weights.bin").write_bytes(b"xx")  # truncated after it was sealed
+    with pytest.raises(ValueError, match="step-3 is damaged: weights.bin is 2 bytes, its manifest says 3 bytes"):
+        RunCheckpoints(folder, resume=True, config=config)
+    for bad, message in (({"every": -1}, "checkpoint.every must be"), ({"keep": 0}, "checkpoint.keep must be"),
+                         ({"resume": "yes"}, "resume must be true or false, got 'yes'")):
+        with pytest.raises(ValueError, match=message):
+            RunCheckpoints(tmp_path / "other", **bad)
+    only_half = RunCheckpoints(tmp_path / "cut", every=1).staging(1)
+    only_half.mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="only an incomplete checkpoint .*: remove that folder"):
+        RunCheckpoints(tmp_path / "cut", every=1)
+
+
+def test_config_difference_names_the_first_differing_key():
+    saved = {"a": 1, "b": {"c": [1, 2], "d": "x"}, "resume": False, "checkpoint": {"every": 2}}
+    assert config_difference(saved, {**saved, "resume": True, "checkpoint": {"every": 9}}) is None
+    assert config_difference(saved, {**saved, "a": 1.0}) is None  # the same number
+    assert config_difference(saved, {**saved, "b": {"c": [1, 3], "d": "x"}}) == "b.c: [1, 2] in the checkpoint, [1, 3] now"
+    assert config_difference(saved, {**saved, "a": True}) == "a: 1 in the checkpoint, True now"
+    assert config_difference(saved, {**saved, "e": 0}) == "e: absent from the checkpoint's config"
+
+
+def test_recorder_snapshot_round_trip(tmp_path):
+    rec = RunRecorder(tmp_path, "demo", "adamw", {"lr": 1e-3}, seed=0)
+    rec.log_step(1, loss=2.0, lr=1e-3, time_s=0.1)
+    rec.log_metrics(1, valid_loss=1.5)
+    rec.record.final_metrics["diverged_at_step"] = 4
+    later = RunRecorder(tmp_path, "demo", "adamw", {"lr": 1e-3}, seed=0)
+    later.load_state_dict(rec.state_dict())
+    assert later.record.steps == rec.record.steps and later.record.evals == rec.record.evals
+    assert later.record.final_metrics == {"diverged_at_step": 4} and later.record.created == rec.record.created
+    with pytest.raises(ValueError, match="record is of run 'adamw_lr0.001_seed0', not 'adamw_lr0.001_seed1'"):
+        RunRecorder(tmp_path, "demo", "adamw", {"lr": 1e-3}, seed=1).load_state_dict(rec.state_dict())
+    assert checkpoint_folder(rec) == tmp_path / "demo" / "checkpoints" / "adamw_lr0.001_seed0"
+
+
+def test_rng_state_round_trip():
+    state = rng_state()
+    first = (random.random(), torch.rand(3), __import__("numpy").random.rand())
+    set_rng_state(state)
+    again = (random.random(), torch.rand(3), __import__("numpy").random.rand())
+    assert first[0] == again[0] and torch.equal(first[1], again[1]) and first[2] == again[2]
+    with pytest.raises(ValueError, match="covers 2 CUDA devices, this process sees 0"):
+        set_rng_state({**state, "cuda": [torch.zeros(1), torch.zeros(1)]})
+
+
+# ------------------------------------------------------------------------------------------------ train_loop
+class Augmented(torch.utils.data.Dataset):
+    """Items drawn with Python's and torch's global generators while fetched (like image augmentations)."""
+
+    def __init__(self, n: int = 10):
+        self.x = torch.randn(n, 6, generator=torch.Generator().manual_seed(1))
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i] * (1 + random.random()) + 0.1 * torch.rand(6), torch.tensor(i % 2)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.adapted = LoraDownUp(6, 6, 3)  # a frozen base layer with a LoRA pair
+        self.head, self.drop = nn.Linear(6, 2), nn.Dropout(0.3)
+
+    def forward(self, x):
+        return self.head(self.drop(self.adapted(x)))
+
+
+class Interrupt(Exception):
+    """Stands for a kill: the process stops between two checkpoints."""
+
+
+def _loop_run(folder, *, accelerate, generator, resume=False, every=3, stop_at=None, epochs=4, max_steps=None):
+    """A fresh process's worth of objects (seeded), trained by train_loop with a Checkpointer."""
+    seed_everything(0)
+    model = Net()
+    optimizer = build_optimizer(model, "scaled_adamw", lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 / (1 + s))
+    loader = torch.utils.data.DataLoader(ResumableDataset(Augmented()), batch_size=3, shuffle=True,
+                                         generator=torch.Generator().manual_seed(5) if generator else None)
+    accelerator = None
+    if accelerate:
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(cpu=True)
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    rec = RunRecorder(folder, "demo", "scaled_adamw", {"lr": 1e-2}, seed=0)
+    best = {"loss": float("inf")}
+    checkpointer = Checkpointer(folder / "ckpt", every=every, resume=resume, accelerator=accelerator,
+                                config={"every": every})
+    checkpointer.register(best=best)
+    calls = []
+
+    def loss_fn(m, batch):
+        calls.append(1)
+        if stop_at is not None and len(calls) == stop_at:
+            raise Interrupt
+        x, y = batch
+        return nn.functional.cross_entropy(m(x), y)
+
+    def evaluate(step):
+        best["loss"] = min(best["loss"], step / 10)
+        return {"best": best["loss"]}
+
+    losses = train_loop(model, optimizer, loader, loss_fn, scheduler=scheduler, epochs=epochs, max_steps=max_steps,
+                        accelerator=accelerator, recorder=rec, eval_fn=evaluate, eval_every=2, progress=False,
+                        checkpointer=checkpointer)
+    return losses, rec, [p.detach().clone() for p in model.parameters()], random.random(), torch.rand(1)
+
+
+@pytest.mark.parametrize("accelerate,generator", [(True, False), (True, True), (False, True)],
+                         ids=["accelerate-global-rng", "accelerate-seeded-loader", "plain-seeded-loader"])
+@pytest.mark.parametrize("stop_at", [5, 8, 13])  # after the checkpoint at 3 (mid-epoch), 6 (mid), 12 (epoch end)
+def test_train_loop_resumes_exactly(tmp_path, accelerate, generator, stop_at):
+    reference = _loop_run(tmp_path / "a", accelerate=accelerate, generator=generator)
+    with pytest.raises(Interrupt):
+        _loop_run(tmp_path / "b", accelerate=accelerate, generator=generator, stop_at=stop_at)
+    resumed = _loop_run(tmp_path / "b", accelerate=accelerate, generator=generator, resume=True)
+    assert resumed[0] == reference[0] and len(reference[0]) == 16  # 4 epochs of 4 batches (the last one short)
+    assert [(s["step"], s["loss"], s["lr"]) for s in resumed[1].record.steps] == [
+        (s["step"], s["loss"], s["lr"]) for s in reference[1].record.steps]
+    assert resumed[1].record.evals == reference[1].record.evals
+    assert all(torch.equal(p, q) for p, q in zip(resumed[2], reference[2]))
+    assert resumed[3] == reference[3] and torch.equal(resumed[4], reference[4])  # the RNG after training too
+    steps = [s for s, _ in Checkpointer(tmp_path / "b" / "ckpt", resume=True, config={"every": 3}).complete()]
+    assert steps == [15, 16]  # keep=2: the checkpoint at 15 and the final one
+
+
+def test_the_checkpoint_holds_the_trainable_parameters_only(tmp_path):
+    from safetensors.torch import load_file
+
+    _loop_run(tmp_path, accelerate=True, generator=False, every=4, epochs=1)
+    saved = load_file(tmp_path / "ckpt" / "step-4" / "model.safetensors")
+    assert sorted(saved) == ["adapted.lora_down.weight", "adapted.lora_up.weight", "head.bias", "head.weight"]
+    files = json.loads((tmp_path / "ckpt" / "step-4" / MANIFEST).read_text())["files"]
+    assert {"model.safetensors", "optimizer.bin", "loop_state_0.pt", "extra.pt", "record.json",
+            "config.json"} <= set(files)
+
+
+def test_a_resumed_finished_run_trains_no_more(tmp_path):
+    reference = _loop_run(tmp_path, accelerate=False, generator=True, max_steps=5)
+    again = _loop_run(tmp_path, accelerate=False, generator=True, max_steps=5, resume=True)
+    assert again[0] == reference[0] and len(again[0]) == 5 and again[3] == reference[3]
+
+
+def test_checkpoints_need_a_resumable_loader(tmp_path):
+    model = Net()
+    optimizer = build_optimizer(model, "adamw", lr=1e-2)
+    checkpointer = Checkpointer(tmp_path, every=2)
+    with pytest.raises(TypeError, match=r"built over harness.ResumableDataset\(dataset\), got a DataLoader over "
+                                        "Augmented"):
+        train_loop(model, optimizer, torch.utils.data.DataLoader(Augmented(), batch_size=2), lambda m, b: m(b[0]).sum(),
+                   checkpointer=checkpointer, progress=False)
+    loader = torch.utils.data.DataLoader(ResumableDataset(Augmented()), batch_size=2, num_workers=1)
+    with pytest.raises(ValueError, match="num_workers=0"):
+        train_loop(model, optimizer, loader, lambda m, b: m(b[0]).sum(), checkpointer=checkpointer, progress=False)
