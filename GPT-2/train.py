@@ -7,7 +7,9 @@
 
 Config: GPT-2/conf/config.yaml (every default commented there). Writes one record per run to
 ``<results_dir>/gpt2_e2e/<run_name>.json`` (config, per-step loss and time, validation losses, the five E2E
-metrics) and the decoded test outputs to ``<results_dir>/gpt2_e2e/predictions/<run_name>.tsv`` (columns MR, output).
+metrics) and the decoded test outputs to ``<results_dir>/gpt2_e2e/predictions/<run_name>.tsv`` (columns MR, output);
+with ``checkpoint.every=N`` a checkpoint every N steps to ``<results_dir>/gpt2_e2e/checkpoints/<run_name>/``, which
+``resume=true`` continues from.
 ``main()`` returns the test BLEU (or the best validation loss when decoding is off).
 """
 
@@ -29,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 import harness  # noqa: E402
 from decoding import beam_decode  # noqa: E402
 from e2e_data import E2EDataset, collate, even_subset, group_by_mr, load_splits  # noqa: E402
-from lora_layers import apply_lora, count_trainable, trainable_state  # noqa: E402
+from lora_layers import apply_lora, count_trainable  # noqa: E402
 from models import load_model  # noqa: E402
 
 EXPERIMENT = "gpt2_e2e"
@@ -69,6 +71,15 @@ def main(cfg: DictConfig) -> float:
     from accelerate import Accelerator
 
     accelerator = Accelerator()
+    optim_cfg = OmegaConf.to_container(cfg.optim, resolve=True)
+    hparams = {k: v for k, v in optim_cfg.items() if k != "name"}
+    recorder = harness.RunRecorder(
+        cfg.results_dir, experiment=EXPERIMENT, optimizer=cfg.optim.name, hparams=hparams, seed=int(cfg.seed),
+        config=OmegaConf.to_container(cfg, resolve=True), tags=OmegaConf.to_container(cfg.tags, resolve=True),
+        run_name=cfg.run_name, wandb=OmegaConf.to_container(cfg.wandb) if cfg.wandb else None,
+    ) if accelerator.is_main_process else None
+    # resume=true/false and the checkpoints of this run are checked now, before anything is loaded
+    checkpointer = harness.Checkpointer.from_config(cfg, harness.checkpoint_folder(recorder), accelerator)
     harness.seed_everything(int(cfg.seed))
     splits = load_splits(cfg.data)
     model, tokenizer = load_model(cfg.model)
@@ -77,10 +88,9 @@ def main(cfg: DictConfig) -> float:
 
     collate_fn = partial(collate, pad_id=tokenizer.pad_token_id)
     make_loader = partial(torch.utils.data.DataLoader, batch_size=int(cfg.train.batch_size), collate_fn=collate_fn)
-    train_loader = make_loader(E2EDataset(splits["train"], tokenizer, int(cfg.data.max_length)), shuffle=True,
-                               generator=torch.Generator().manual_seed(int(cfg.seed)))
+    train_set = harness.ResumableDataset(E2EDataset(splits["train"], tokenizer, int(cfg.data.max_length)))
+    train_loader = make_loader(train_set, shuffle=True, generator=torch.Generator().manual_seed(int(cfg.seed)))
     valid_loader = make_loader(E2EDataset(splits["validation"], tokenizer, int(cfg.data.max_length)))
-    optim_cfg = OmegaConf.to_container(cfg.optim, resolve=True)
     optimizer = harness.build_optimizer(model, **optim_cfg)
     model, optimizer, train_loader, valid_loader = accelerator.prepare(model, optimizer, train_loader, valid_loader)
     total_steps = cfg.train.max_steps or int(cfg.train.epochs) * len(train_loader)
@@ -88,21 +98,15 @@ def main(cfg: DictConfig) -> float:
 
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.train.warmup_steps), total_steps)
 
-    hparams = {k: v for k, v in optim_cfg.items() if k != "name"}
-    recorder = harness.RunRecorder(
-        cfg.results_dir, experiment=EXPERIMENT, optimizer=cfg.optim.name, hparams=hparams, seed=int(cfg.seed),
-        config=OmegaConf.to_container(cfg, resolve=True), tags=OmegaConf.to_container(cfg.tags, resolve=True),
-        run_name=cfg.run_name, wandb=OmegaConf.to_container(cfg.wandb) if cfg.wandb else None,
-    ) if accelerator.is_main_process else None
-
     best = {"loss": math.inf, "step": None, "state": None}
+    checkpointer.register(best=best)  # model selection's state is part of a checkpoint
 
     def evaluate(step: int) -> dict[str, float]:
         """Validation loss; keep the trainable state with the lowest one (model selection)."""
         local = torch.tensor(mean_loss(model, valid_loader), device=accelerator.device)
         loss = accelerator.reduce(local, reduction="mean").item()  # the mean over processes under DDP
         if loss < best["loss"]:
-            best.update(loss=loss, step=step, state=trainable_state(accelerator.unwrap_model(model)))
+            best.update(loss=loss, step=step, state=harness.trainable_state(accelerator.unwrap_model(model)))
         return {"valid_loss": loss}
 
     eval_every = int(cfg.train.eval_every or len(train_loader))
@@ -111,7 +115,7 @@ def main(cfg: DictConfig) -> float:
         scheduler=scheduler, max_steps=cfg.train.max_steps, epochs=int(cfg.train.epochs),
         grad_clip=cfg.train.grad_clip, accelerator=accelerator, recorder=recorder,
         desc=f"train {cfg.optim.name} lr={cfg.optim.lr:g}", eval_fn=evaluate, eval_every=eval_every,
-        stop_on_divergence=True,
+        stop_on_divergence=True, checkpointer=checkpointer,
     )
     planned = min(cfg.train.max_steps or math.inf, int(cfg.train.epochs) * len(train_loader))
     diverged = len(losses) < planned  # train_loop stopped early (stop_on_divergence); the same on every process

@@ -10,7 +10,9 @@ Importing it registers the ``${repo_root:}``, ``${data_root:}`` and ``${package_
 import it where it is used, or live in :mod:`harness.diffusion`.
 """
 
-from .checkpoint import Checkpointer, ResumableDataset, RunCheckpoints, TrainerCheckpoints, checkpoint_folder
+from .checkpoint import (
+    Checkpointer, ResumableDataset, RunCheckpoints, TrainerCheckpoints, checkpoint_folder, trainable_state,
+)  # fmt: skip
 from .experiments import load_module
 from .loop import RecorderCallback, TrainingDiverged, train_loop
 from .optimizers import ALL_OPTIMIZERS, HPARAMS, OPTIMIZER_NAMES, PEER_NAMES, build_optimizer
@@ -26,6 +28,6 @@ __all__ = [
     "build_optimizer", "OPTIMIZER_NAMES", "PEER_NAMES", "ALL_OPTIMIZERS", "HPARAMS", "build_peer",
     "RunRecorder", "RunRecord", "load_records", "hardware_info", "default_run_name", "SCHEMA_VERSION",
     "train_loop", "RecorderCallback", "TrainingDiverged",
-    "Checkpointer", "TrainerCheckpoints", "RunCheckpoints", "ResumableDataset", "checkpoint_folder",
+    "Checkpointer", "TrainerCheckpoints", "RunCheckpoints", "ResumableDataset", "checkpoint_folder", "trainable_state",
     "REPO_ROOT", "default_data_root", "require_path", "register_resolvers", "seed_everything", "load_module",
 ]  # fmt: skip

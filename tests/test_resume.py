@@ -19,9 +19,11 @@ import torch
 from torch import nn
 
 from _tiny import LoraDownUp
+from hydra import compose, initialize_config_dir
+
 from harness import (
     REPO_ROOT, Checkpointer, ResumableDataset, RunCheckpoints, RunRecorder, build_optimizer, checkpoint_folder,
-    load_records, seed_everything, train_loop,
+    load_module, load_records, seed_everything, train_loop,
 )  # fmt: skip
 from harness.checkpoint import LATEST, MANIFEST, config_difference, rng_state, set_rng_state
 
@@ -229,3 +231,68 @@ def test_checkpoints_need_a_resumable_loader(tmp_path):
     loader = torch.utils.data.DataLoader(ResumableDataset(Augmented()), batch_size=2, num_workers=1)
     with pytest.raises(ValueError, match="num_workers=0"):
         train_loop(model, optimizer, loader, lambda m, b: m(b[0]).sum(), checkpointer=checkpointer, progress=False)
+
+
+# ------------------------------------------------------------------------------------------------ killed runs
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+
+
+def _run(script: Path, *overrides: str, cwd: Path) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, str(script), *overrides], cwd=cwd, env=ENV, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _run_killed_after_first_checkpoint(script: Path, *overrides: str, checkpoints: Path, cwd: Path) -> None:
+    """Start a run and SIGKILL it from outside as soon as its first checkpoint is complete (``latest`` exists)."""
+    log = cwd / "killed.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, str(script), *overrides], cwd=cwd, env=ENV, stdout=out, stderr=out)
+    deadline = time.monotonic() + 240
+    while not list(checkpoints.glob(f"*/{LATEST}")):
+        assert proc.poll() is None, f"the run ended before its first checkpoint:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, f"the run finished before it was killed:\n{log.read_text()[-3000:]}"
+
+
+def _same_run(resumed, reference, ignore_metrics=()) -> None:
+    """Per-step loss and lr, evaluations and final metrics equal (exactly: CPU, float32, one thread)."""
+    assert [(s["step"], s["loss"], s["lr"]) for s in resumed.steps] == [
+        (s["step"], s["loss"], s["lr"]) for s in reference.steps]
+    assert resumed.evals == reference.evals
+    drop = set(ignore_metrics)
+    assert {k: v for k, v in resumed.final_metrics.items() if k not in drop} == {
+        k: v for k, v in reference.final_metrics.items() if k not in drop}
+
+
+def _resumed_from(stdout: str) -> int:
+    (line,) = [ln for ln in stdout.splitlines() if ln.startswith("resuming from ")]
+    return int(line.rsplit("(step ", 1)[1].rstrip(")"))
+
+
+def test_gpt2_killed_after_its_first_checkpoint_resumes_to_the_same_record(tmp_path, data_root):
+    script = REPO_ROOT / "GPT-2" / "train.py"
+    common = ["preset=tiny", "optim=scaled_adamw", "data.test_mrs=0", "train.max_steps=null", "train.epochs=2",
+              "train.eval_every=2", "checkpoint.every=3", f"hydra.run.dir={tmp_path / 'hydra'}"]  # 8 steps, 4 an epoch
+    _run(script, *common, f"results_dir={tmp_path / 'reference'}", cwd=tmp_path)
+    killed = [*common, f"results_dir={tmp_path / 'killed'}"]
+    checkpoints = tmp_path / "killed" / "gpt2_e2e" / "checkpoints"
+    _run_killed_after_first_checkpoint(script, *killed, checkpoints=checkpoints, cwd=tmp_path)
+    assert not list((tmp_path / "killed" / "gpt2_e2e").glob("*.json"))  # no record: the run never finished
+    gpt2_train = load_module(script, "gpt2_train")
+    with initialize_config_dir(config_dir=str(script.parent / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=killed[:-1] + [f"results_dir={tmp_path / 'killed'}"])
+    with pytest.raises(FileExistsError, match="resume=true continues it"):  # a fresh start over its checkpoints
+        gpt2_train.main(cfg)
+    done = _run(script, *killed, "resume=true", cwd=tmp_path)
+    assert _resumed_from(done.stdout) in (3, 6)
+    [reference] = load_records(tmp_path / "reference", "gpt2_e2e")
+    [resumed] = load_records(tmp_path / "killed", "gpt2_e2e")
+    _same_run(resumed, reference)
+    assert len(resumed.steps) == 8 and [e["step"] for e in resumed.evals] == [2, 4, 6, 8]
+    assert [s for s, _ in Checkpointer(checkpoints / resumed.run_name, resume=True, config=resumed.config).complete()
+            ] == [6, 8]
