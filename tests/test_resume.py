@@ -90,7 +90,8 @@ def test_config_difference_names_the_first_differing_key():
     saved = {"a": 1, "b": {"c": [1, 2], "d": "x"}, "resume": False, "checkpoint": {"every": 2}}
     assert config_difference(saved, {**saved, "resume": True, "checkpoint": {"every": 9}}) is None
     assert config_difference(saved, {**saved, "a": 1.0}) is None  # the same number
-    assert config_difference(saved, {**saved, "b": {"c": [1, 3], "d": "x"}}) == "b.c: [1, 2] in the checkpoint, [1, 3] now"
+    changed = {**saved, "b": {"c": [1, 3], "d": "x"}}
+    assert config_difference(saved, changed) == "b.c: [1, 2] in the checkpoint, [1, 3] now"
     assert config_difference(saved, {**saved, "a": True}) == "a: 1 in the checkpoint, True now"
     assert config_difference(saved, {**saved, "e": 0}) == "e: absent from the checkpoint's config"
 
@@ -296,3 +297,49 @@ def test_gpt2_killed_after_its_first_checkpoint_resumes_to_the_same_record(tmp_p
     assert len(resumed.steps) == 8 and [e["step"] for e in resumed.evals] == [2, 4, 6, 8]
     assert [s for s, _ in Checkpointer(checkpoints / resumed.run_name, resume=True, config=resumed.config).complete()
             ] == [6, 8]
+
+
+def test_object_generation_killed_after_its_first_checkpoint_resumes_to_the_same_record(tmp_path, data_root):
+    """Through accelerate's save_state/load_state; random crops and colour jitter drawn while batches are fetched
+    ahead, the vase's 6 images in batches of 1: checkpoints mid-epoch and at an epoch's end."""
+    script = REPO_ROOT / "Object_Generation" / "train.py"
+    common = ["preset=tiny", "optim=scaled_adamw", "train.steps=14", "checkpoint.every=3", "sample.steps=2",
+              "sample.seeds=[0,1]", f"hydra.run.dir={tmp_path / 'hydra'}"]
+    _run(script, *common, f"results_dir={tmp_path / 'reference'}", cwd=tmp_path)
+    killed = [*common, f"results_dir={tmp_path / 'killed'}"]
+    checkpoints = tmp_path / "killed" / "object_generation" / "checkpoints"
+    _run_killed_after_first_checkpoint(script, *killed, checkpoints=checkpoints, cwd=tmp_path)
+    done = _run(script, *killed, "resume=true", cwd=tmp_path)
+    assert _resumed_from(done.stdout) in (3, 6, 9, 12)
+    [reference] = load_records(tmp_path / "reference", "object_generation")
+    [resumed] = load_records(tmp_path / "killed", "object_generation")
+    _same_run(resumed, reference)
+    assert resumed.final_metrics["steps_done"] == 14 and resumed.final_metrics["token_embedding_delta"] > 0
+
+
+def test_which_embedding_rows_learn_survives_a_resume():
+    """Mix-of-Show freezes its new token rows once their norm reaches a threshold: a resumed run keeps them frozen."""
+    from harness import diffusion as D
+
+    def make():
+        torch.manual_seed(0)
+        embedding = nn.Embedding(5, 4)
+        optimizer = torch.optim.SGD(embedding.parameters(), lr=1.0)
+        return embedding, optimizer, D.keep_original_embedding_rows(optimizer, embedding, [3], freeze_at_norm=0.5)
+
+    def step(embedding, optimizer):
+        embedding(torch.tensor([3, 1])).pow(2).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    embedding, optimizer, guard = make()
+    step(embedding, optimizer)  # row 3 moves, and its norm (> 0.5) freezes it
+    frozen, state = embedding.weight.detach().clone(), guard.state_dict()
+    for restore in (True, False):
+        embedding, optimizer, guard = make()
+        with torch.no_grad():
+            embedding.weight.copy_(frozen)  # the trainable parameters come back first
+        if restore:
+            guard.load_state_dict(state)
+        step(embedding, optimizer)
+        assert torch.equal(embedding.weight, frozen) == restore
