@@ -7,7 +7,9 @@
 
 The optimizer is `harness.build_optimizer(model, **cfg.optim)`, handed to an unmodified `Trainer` through
 `optimizers=(optimizer, scheduler)`; the run is recorded by `harness.RecorderCallback` into
-<results_dir>/glue/<run_name>.json. `main()` returns the task's Table-2 metric on the (first) dev split.
+<results_dir>/glue/<run_name>.json. With `checkpoint.every=N` the Trainer saves checkpoint-<N> folders into
+<results_dir>/glue/checkpoints/<run_name>/ (completed by `harness.TrainerCheckpoints`), which `resume=true`
+continues from. `main()` returns the task's Table-2 metric on the (first) dev split.
 """
 from __future__ import annotations
 
@@ -26,7 +28,9 @@ import glue_data  # noqa: E402
 from glue_metrics import compute_metrics_fn, primary_metric  # noqa: E402
 
 from core import NonFiniteGradientError  # noqa: E402
-from harness import RecorderCallback, RunRecorder, build_optimizer, seed_everything  # noqa: E402
+from harness import (  # noqa: E402
+    RecorderCallback, RunRecorder, TrainerCheckpoints, build_optimizer, checkpoint_folder, seed_everything,
+)  # fmt: skip
 
 EXPERIMENT = "glue"
 config_groups.register_config_groups()  # task, table and tuned/<table>_<task>_<optim> (conf/tables/*.yaml)
@@ -107,25 +111,38 @@ def final_metrics(metrics_by_split: dict[str, dict]) -> dict[str, float]:
 
 def train(cfg: DictConfig) -> float:
     """Fine-tune, evaluate, record; returns the task's Table-2 metric on the first dev split."""
+    from accelerate import PartialState
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, get_scheduler
 
     task = cfg.task.name
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
+    optim = OmegaConf.to_container(cfg.optim, resolve=True)
+    processes = PartialState()
+    recorder = None
+    if processes.is_main_process:
+        hparams = {k: v for k, v in optim.items() if k != "name"}
+        recorder = RunRecorder(
+            cfg.results_dir, experiment=EXPERIMENT, optimizer=optim["name"],
+            hparams=hparams, seed=cfg.seed, config=OmegaConf.to_container(cfg, resolve=True),
+            tags=OmegaConf.to_container(cfg.tags, resolve=True), run_name=cfg.run_name or None,
+            wandb=OmegaConf.to_container(cfg.wandb) if cfg.wandb else None)
+    # resume=true/false and the checkpoints of this run are checked now, before anything is loaded
+    checkpoints = TrainerCheckpoints.from_config(cfg, checkpoint_folder(recorder), world_size=processes.num_processes,
+                                                 main=processes.is_main_process)
     seed_everything(cfg.seed)
     tokenizer, model = load_model(cfg, glue_data.num_labels(task))
     train_set, eval_sets = load_data(cfg, tokenizer)
     print(f"{task}: {len(train_set)} train, " + ", ".join(f"{len(d)} {s}" for s, d in eval_sets.items()))
 
     args = TrainingArguments(
-        output_dir=cfg.output_dir, save_strategy="no", report_to="none", seed=cfg.seed,
+        **checkpoints.training_arguments(cfg.train.logging_steps, cfg.output_dir), report_to="none", seed=cfg.seed,
         per_device_train_batch_size=cfg.train.batch_size, per_device_eval_batch_size=cfg.train.eval_batch_size,
         gradient_accumulation_steps=cfg.train.grad_accum, num_train_epochs=cfg.train.epochs,
         max_steps=cfg.train.max_steps, learning_rate=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
         max_grad_norm=cfg.train.max_grad_norm, logging_steps=cfg.train.logging_steps,
         eval_strategy=cfg.train.eval_strategy, bf16=cfg.train.bf16,
         dataloader_num_workers=cfg.train.num_workers, use_cpu=cfg.train.use_cpu)
-    optim = OmegaConf.to_container(cfg.optim, resolve=True)
     optimizer = build_optimizer(model, **optim)
     steps = total_steps(cfg, len(train_set), args.world_size)
     scheduler = get_scheduler(cfg.train.scheduler, optimizer, num_training_steps=steps,
@@ -134,19 +151,16 @@ def train(cfg: DictConfig) -> float:
                       processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
                       compute_metrics=compute_metrics_fn(task), optimizers=(optimizer, scheduler))
 
-    recorder = None
-    if trainer.is_world_process_zero():
-        hparams = {k: v for k, v in optim.items() if k != "name"}
-        recorder = RunRecorder(
-            cfg.results_dir, experiment=EXPERIMENT, optimizer=optim["name"],
-            hparams=hparams, seed=cfg.seed, config=OmegaConf.to_container(cfg, resolve=True),
-            tags=OmegaConf.to_container(cfg.tags, resolve=True), run_name=cfg.run_name or None,
-            wandb=OmegaConf.to_container(cfg.wandb) if cfg.wandb else None)
+    if recorder is not None:
         trainer.add_callback(RecorderCallback(recorder))
+    if checkpoints.every:
+        trainer.add_callback(checkpoints.callback(recorder))  # completes each checkpoint-<N> the Trainer saves
+    checkpoints.restore_record(recorder)
 
     try:
-        result = trainer.train()
-        summary = {"train_loss": result.training_loss, "train_runtime_s": result.metrics["train_runtime"]}
+        result = trainer.train(resume_from_checkpoint=str(checkpoints.resume_from) if checkpoints.resume_from else None)
+        summary = {"train_loss": checkpoints.run_training_loss(result.training_loss, trainer.state.global_step),
+                   "train_runtime_s": result.metrics["train_runtime"]}
     except NonFiniteGradientError as err:  # an LR sweep reports such a run as diverged instead of dropping it
         print(f"diverged at step {trainer.state.global_step + 1}: {err}")
         summary = {"diverged_at_step": trainer.state.global_step + 1}

@@ -251,6 +251,7 @@ class RunCheckpoints:
             for leftover in incomplete:
                 print(f"removing {leftover}: a checkpoint whose save was cut short")
                 shutil.rmtree(leftover)
+            print(f"resuming from {folder} (step {step})")
         return folder
 
     # -- writing
@@ -452,7 +453,6 @@ class Checkpointer(RunCheckpoints):
         loop = torch.load(folder / f"loop_state_{self.rank}.pt", weights_only=True)
         set_rng_state(loop["rng"])
         self._resume, self._last_saved = loop, loop["step"]
-        print(f"resuming from {folder} (step {loop['step']})")
         return LoopState(loop["step"], loop["epoch"], loop["batch"], list(loop["losses"]))
 
     def _check_loader(self, loader) -> ResumableDataset:
@@ -585,13 +585,25 @@ class TrainerCheckpoints(RunCheckpoints):
 
     prefix = "checkpoint-"
 
-    def training_arguments(self, logging_steps: int) -> dict[str, Any]:
-        """``TrainingArguments`` keywords: save every ``every`` steps into the run's folder (or not at all).
+    def __init__(self, folder: str | os.PathLike, **kwargs):
+        super().__init__(folder, **kwargs)
+        self._loss_before = 0.0  # the sum of the per-step training losses up to the checkpoint resumed from
+        if self.resume_from is not None:
+            state = json.loads((self.resume_from / "trainer_state.json").read_text(encoding="utf-8"))
+            logged = 0
+            for entry in state["log_history"]:  # whole logging windows (training_arguments)
+                if "loss" in entry and entry["step"] <= self.resumed_step:
+                    self._loss_before += entry["loss"] * (entry["step"] - logged)
+                    logged = entry["step"]
+
+    def training_arguments(self, logging_steps: int, output_dir: str | os.PathLike) -> dict[str, Any]:
+        """``TrainingArguments`` keywords: save every ``every`` steps into the run's folder, or nothing at all
+        (then ``output_dir`` is the Trainer's folder).
 
         ``every`` must be a multiple of ``logging_steps``: the Trainer's loss accumulated since its last log is not
         part of a checkpoint, so a resume elsewhere would change the logged losses."""
         if not self.every:
-            return {"save_strategy": "no"}
+            return {"save_strategy": "no", "output_dir": str(output_dir)}
         if self.every % logging_steps:
             raise ValueError(f"checkpoint.every={self.every} must be a multiple of train.logging_steps="
                              f"{logging_steps} (a checkpoint between two logs would lose the loss between them)")
@@ -622,10 +634,4 @@ class TrainerCheckpoints(RunCheckpoints):
         history (whole logging windows, as :meth:`training_arguments` ensures)."""
         if self.resume_from is None:
             return training_loss
-        history = json.loads((self.resume_from / "trainer_state.json").read_text(encoding="utf-8"))["log_history"]
-        logged, before = 0, 0.0
-        for entry in history:
-            if "loss" in entry and entry["step"] <= self.resumed_step:
-                before += entry["loss"] * (entry["step"] - logged)
-                logged = entry["step"]
-        return (before + training_loss * (global_step - self.resumed_step)) / max(global_step, 1)
+        return (self._loss_before + training_loss * (global_step - self.resumed_step)) / max(global_step, 1)
