@@ -390,3 +390,50 @@ def test_mistral_trainer_killed_after_its_first_checkpoint_resumes_to_the_same_r
     assert (folder / LATEST).read_text().strip() == "checkpoint-24"
     assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json",
             "record.json", MANIFEST} <= {p.name for p in (folder / "checkpoint-24").iterdir()}
+
+
+DDP_SCRIPT = """
+import json, sys
+import torch
+from test_resume import Interrupt, _loop_run
+
+root, stop_at = sys.argv[1], int(sys.argv[2])
+from pathlib import Path
+reference = _loop_run(Path(root) / "a", accelerate=True, generator=False)
+try:
+    _loop_run(Path(root) / "b", accelerate=True, generator=False, stop_at=stop_at)
+    raise SystemExit("the run was not interrupted")
+except Interrupt:
+    pass
+resumed = _loop_run(Path(root) / "b", accelerate=True, generator=False, resume=True)
+rank = torch.distributed.get_rank()
+same = all(torch.equal(p, q) for p, q in zip(resumed[2], reference[2]))
+Path(root, f"rank{rank}.json").write_text(json.dumps({"reference": reference[0], "resumed": resumed[0],
+                                                     "params": same, "rng": resumed[3] == reference[3]}))
+torch.distributed.barrier()
+"""
+
+
+@pytest.mark.parametrize("stop_at", [5, 7])  # after the checkpoint at 3 (mid-epoch) and at 6 (an epoch's end)
+def test_two_process_train_loop_resumes_exactly(tmp_path, stop_at):
+    """DDP (gloo) through accelerate: each process's RNG and data position in its own loop state, the sampler's
+    generator that accelerate synchronises across processes, the model and optimizer saved once."""
+    import socket
+
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)])}
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={port}", str(script), str(tmp_path), str(stop_at)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result["resumed"] == result["reference"] and len(result["reference"]) == 8  # 2 batches an epoch
+        assert result["params"] and result["rng"]
+    manifest = json.loads((tmp_path / "b" / "ckpt" / "step-8" / MANIFEST).read_text())
+    assert manifest["world_size"] == 2 and {"loop_state_0.pt", "loop_state_1.pt"} <= set(manifest["files"])
