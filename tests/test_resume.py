@@ -22,8 +22,8 @@ from _tiny import LoraDownUp
 from hydra import compose, initialize_config_dir
 
 from harness import (
-    REPO_ROOT, Checkpointer, ResumableDataset, RunCheckpoints, RunRecorder, build_optimizer, checkpoint_folder,
-    load_module, load_records, seed_everything, train_loop,
+    REPO_ROOT, Checkpointer, ResumableDataset, RunCheckpoints, RunRecorder, TrainerCheckpoints, build_optimizer,
+    checkpoint_folder, load_module, load_records, seed_everything, train_loop,
 )  # fmt: skip
 from harness.checkpoint import LATEST, MANIFEST, config_difference, rng_state, set_rng_state
 
@@ -118,6 +118,31 @@ def test_rng_state_round_trip():
     assert first[0] == again[0] and torch.equal(first[1], again[1]) and first[2] == again[2]
     with pytest.raises(ValueError, match="covers 2 CUDA devices, this process sees 0"):
         set_rng_state({**state, "cuda": [torch.zeros(1), torch.zeros(1)]})
+
+
+@pytest.mark.parametrize("folder,full,presets", [
+    ("GPT-2", 1000, ["tiny", "smollm2_cpu"]), ("Mistral-7B", 500, ["minilm_sst2"]),
+    ("Object_Generation", 1000, ["tiny"]), ("Mix-of-Show", 25, ["tiny"]),
+])
+def test_checkpoints_are_on_at_full_scale_and_off_in_the_cpu_presets(folder, full, presets):
+    if folder == "Mistral-7B":  # its task, table and tuned groups are registered in code
+        load_module(REPO_ROOT / folder / "config_groups.py").register_config_groups()
+    with initialize_config_dir(config_dir=str(REPO_ROOT / folder / "conf"), version_base="1.3"):
+        default = compose(config_name="config")
+        assert (default.checkpoint.every, default.checkpoint.keep, default.resume) == (full, 2, False)
+        for preset in presets:
+            cfg = compose(config_name="config", overrides=[f"preset={preset}"])
+            assert cfg.checkpoint.every is None and cfg.checkpoint.keep == 2 and cfg.resume is False
+
+
+def test_trainer_checkpoints_fall_on_logging_steps(tmp_path):
+    checkpoints = TrainerCheckpoints(tmp_path / "run", every=4)
+    assert checkpoints.training_arguments(2, "scratch") == {
+        "save_strategy": "steps", "save_steps": 4, "save_total_limit": None, "output_dir": str(tmp_path / "run")}
+    assert TrainerCheckpoints(tmp_path / "off").training_arguments(2, "scratch") == {
+        "save_strategy": "no", "output_dir": "scratch"}
+    with pytest.raises(ValueError, match="checkpoint.every=4 must be a multiple of train.logging_steps=3"):
+        checkpoints.training_arguments(3, "scratch")
 
 
 # ------------------------------------------------------------------------------------------------ train_loop
