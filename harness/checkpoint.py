@@ -176,8 +176,7 @@ class RunCheckpoints:
                  config: dict | None = None, world_size: int = 1, main: bool = True):
         self.every, self.keep, self.resume = _settings(every, keep, resume)
         self.folder, self.config, self.world_size, self.main = Path(folder), config or {}, world_size, main
-        self.resume_from: Path | None = self._resume_point()
-        self.resumed_step = self.manifest(self.resume_from)["step"] if self.resume_from else 0
+        self.resume_from, self.resumed_step = self._resume_point()  # (None, 0) for a fresh run
 
     @classmethod
     def from_config(cls, cfg, folder: str | os.PathLike, **kwargs) -> "RunCheckpoints":
@@ -224,7 +223,7 @@ class RunCheckpoints:
                 raise ValueError(f"checkpoint {folder} is damaged: {name} is {found}, its manifest says {size} bytes")
         return manifest
 
-    def _resume_point(self) -> Path | None:
+    def _resume_point(self) -> tuple[Path | None, int]:
         complete, incomplete = self.complete(), self.incomplete()
         if not self.resume:
             if complete or incomplete:
@@ -233,12 +232,15 @@ class RunCheckpoints:
                 hint = "resume=true continues it, or remove" if complete else "remove"
                 raise FileExistsError(f"this run already has {what} in '{self.folder}': {hint} that folder to "
                                       "start afresh (a new run never deletes a run's checkpoints)")
-            return None
+            return None, 0
         if not complete:
             raise FileNotFoundError(f"resume=true, but '{self.folder}' holds no complete checkpoint of this run"
                                     + (" (only a save that was cut short)" if incomplete else ""))
         step, folder = complete[-1]
-        manifest = self.manifest(folder)
+        try:
+            manifest = self.manifest(folder)
+        except ValueError as err:
+            raise ValueError(f"{err}; remove that folder to resume from the checkpoint before it") from err
         if manifest["world_size"] != self.world_size:
             raise ValueError(f"checkpoint {folder} was written by {manifest['world_size']} processes, this run has "
                              f"{self.world_size}: resume with as many")
@@ -252,7 +254,7 @@ class RunCheckpoints:
                 print(f"removing {leftover}: a checkpoint whose save was cut short")
                 shutil.rmtree(leftover)
             print(f"resuming from {folder} (step {step})")
-        return folder
+        return folder, step
 
     # -- writing
     def staging(self, step: int) -> Path:
