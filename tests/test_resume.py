@@ -305,6 +305,7 @@ def _resumed_from(stdout: str) -> int:
     return int(line.rsplit("(step ", 1)[1].rstrip(")"))
 
 
+@pytest.mark.slow
 def test_gpt2_killed_after_its_first_checkpoint_resumes_to_the_same_record(tmp_path, data_root):
     script = REPO_ROOT / "GPT-2" / "train.py"
     common = ["preset=tiny", "optim=scaled_adamw", "data.test_mrs=0", "train.max_steps=null", "train.epochs=2",
@@ -329,6 +330,7 @@ def test_gpt2_killed_after_its_first_checkpoint_resumes_to_the_same_record(tmp_p
             ] == [6, 8]
 
 
+@pytest.mark.slow
 def test_object_generation_killed_after_its_first_checkpoint_resumes_to_the_same_record(tmp_path, data_root):
     """Through accelerate's save_state/load_state; random crops and colour jitter drawn while batches are fetched
     ahead, the vase's 6 images in batches of 1: checkpoints mid-epoch and at an epoch's end."""
@@ -375,6 +377,7 @@ def test_which_embedding_rows_learn_survives_a_resume():
         assert torch.equal(embedding.weight, frozen) == restore
 
 
+@pytest.mark.slow
 def test_mistral_trainer_killed_after_its_first_checkpoint_resumes_to_the_same_record(tmp_path):
     """Through the Trainer's own checkpoints (save_strategy=steps, resume_from_checkpoint): a tiny Mistral with
     LoRA and the scaled optimizer, 4 training sentences in batches of 2, so 12 epochs in 24 steps."""
@@ -439,6 +442,7 @@ torch.distributed.barrier()
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop_at", [5, 7])  # after the checkpoint at 3 (mid-epoch) and at 6 (an epoch's end)
 def test_two_process_train_loop_resumes_exactly(tmp_path, stop_at):
     """DDP (gloo) through accelerate: each process's RNG and data position in its own loop state, the sampler's
