@@ -116,8 +116,3 @@ def apply_lora(model: nn.Module, cfg: Any) -> nn.Module:
 def count_trainable(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A detached copy of the trainable parameters (the LoRA factors): what model selection keeps."""
-    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}

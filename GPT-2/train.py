@@ -12,6 +12,8 @@ disk from the start (``status: running``; config, per-step loss and time, valida
 five E2E metrics) and the decoded test outputs go to ``<results_dir>/gpt2_e2e/predictions/<record name>.tsv``
 (columns MR, output) before scoring. If scoring fails, the record keeps the training results and names the
 predictions (``status: failed``); ``python GPT-2/evaluate.py --record <record>`` scores them later.
+With ``checkpoint.every=N`` a checkpoint every N steps goes to ``<results_dir>/gpt2_e2e/checkpoints/<run_name>/``,
+which ``resume=true`` continues from.
 ``main()`` returns the test BLEU (or the best validation loss when decoding is off).
 """
 
@@ -35,7 +37,7 @@ import e2e_metrics  # noqa: E402
 import harness  # noqa: E402
 from decoding import beam_decode  # noqa: E402
 from e2e_data import E2EDataset, collate, load_splits, scored_test_set, split_paths  # noqa: E402
-from lora_layers import apply_lora, count_trainable, trainable_state  # noqa: E402
+from lora_layers import apply_lora, count_trainable  # noqa: E402
 from models import check_model_source, load_model  # noqa: E402
 
 EXPERIMENT = "gpt2_e2e"
@@ -121,6 +123,7 @@ def make_recorder(cfg: DictConfig, launch: dict | None = None) -> harness.RunRec
         config=OmegaConf.to_container(cfg, resolve=True), launch=launch,
         tags=harness.record_tags(OmegaConf.to_container(cfg.tags, resolve=True), launch),
         run_name=cfg.run_name, wandb=OmegaConf.to_container(cfg.wandb) if cfg.wandb else None,
+        resume=bool(cfg.resume),
     )  # fmt: skip
 
 
@@ -134,10 +137,13 @@ def main(cfg: DictConfig) -> float:
     recorder = make_recorder(cfg, launch) if accelerator.is_main_process else None
     if recorder is not None:
         recorder.check_can_start()  # another run of this configuration stops here, before anything is loaded
-    return run(cfg, accelerator, recorder)
+    # resume=true/false and the checkpoints of this run are checked now, before anything is loaded
+    checkpointer = harness.Checkpointer.from_config(cfg, harness.checkpoint_folder(recorder), accelerator)
+    return run(cfg, accelerator, recorder, checkpointer)
 
 
-def run(cfg: DictConfig, accelerator, recorder: harness.RunRecorder | None) -> float:
+def run(cfg: DictConfig, accelerator, recorder: harness.RunRecorder | None,
+        checkpointer: harness.Checkpointer) -> float:
     """Load, train, select on validation, decode, score; ``recorder`` is None on the processes that do not write.
     The record is on disk (running) from the first training step on, and closed however the run ends."""
     harness.seed_everything(int(cfg.seed))
@@ -150,7 +156,7 @@ def run(cfg: DictConfig, accelerator, recorder: harness.RunRecorder | None) -> f
     # Each process takes batch_size examples a step; accelerate gives rank r the batches r, r + N, ... of this
     # loader, so a step's global batch is the one-process run's batch of N * batch_size (same shuffled order).
     train_loader = torch.utils.data.DataLoader(
-        E2EDataset(splits["train"], tokenizer, int(cfg.data.max_length)), batch_size=int(cfg.train.batch_size),
+        harness.ResumableDataset(E2EDataset(splits["train"], tokenizer, int(cfg.data.max_length))), batch_size=int(cfg.train.batch_size),
         collate_fn=collate_fn, shuffle=True, generator=torch.Generator().manual_seed(int(cfg.seed)))
     valid_set = E2EDataset(splits["validation"], tokenizer, int(cfg.data.max_length))
     valid_loader = torch.utils.data.DataLoader(valid_set, collate_fn=collate_fn, batch_sampler=validation_batches(
@@ -166,12 +172,13 @@ def run(cfg: DictConfig, accelerator, recorder: harness.RunRecorder | None) -> f
 
     with recorder or contextlib.nullcontext():  # on disk (running) from here, closed however the run ends
         best = {"loss": math.inf, "step": None, "state": None}
+        checkpointer.register(best=best)  # model selection's state is part of a checkpoint
 
         def evaluate(step: int) -> dict[str, float]:
             """Validation loss; keep the trainable state with the lowest one (model selection)."""
             loss = mean_loss(accelerator.unwrap_model(model), valid_loader, accelerator)  # the same on every rank
             if loss < best["loss"]:
-                best.update(loss=loss, step=step, state=trainable_state(accelerator.unwrap_model(model)))
+                best.update(loss=loss, step=step, state=harness.trainable_state(accelerator.unwrap_model(model)))
             return {"valid_loss": loss}
 
         eval_every = int(cfg.train.eval_every or len(train_loader))
@@ -181,7 +188,7 @@ def run(cfg: DictConfig, accelerator, recorder: harness.RunRecorder | None) -> f
             scheduler=scheduler, max_steps=cfg.train.max_steps, epochs=int(cfg.train.epochs),
             grad_clip=cfg.train.grad_clip, accelerator=accelerator, recorder=recorder,
             desc=f"train {cfg.optim.name} lr={cfg.optim.lr:g}", eval_fn=evaluate, eval_every=eval_every,
-            stop_on_divergence=True,
+            stop_on_divergence=True, checkpointer=checkpointer,
         )
         planned = min(cfg.train.max_steps or math.inf, int(cfg.train.epochs) * len(train_loader))
         diverged = len(losses) < planned  # train_loop stopped early (stop_on_divergence); the same on every process

@@ -10,7 +10,9 @@ The optimizer is `harness.build_optimizer(model, **cfg.optim)`, built by an unmo
 trains (the route Trainer also takes under FSDP), with Trainer's own scheduler (`train.scheduler`,
 `train.warmup_ratio`); the run is recorded by `harness.RecorderCallback` into
 <results_dir>/glue/<run_name>.json, on disk from the start of training (`status: running`, rewritten at every
-evaluation and checkpoint) and closed however the run ends. Before anything is loaded, `preflight` checks what could
+evaluation and checkpoint) and closed however the run ends. With `checkpoint.every=N` the Trainer saves
+checkpoint-<N> folders into <results_dir>/glue/checkpoints/<run_name>/ (completed by `harness.TrainerCheckpoints`),
+which `resume=true` continues from. Before anything is loaded, `preflight` checks what could
 fail after training (the data files, a local model folder, bitsandbytes, writable results and output folders).
 `main()` returns the task's Table-2 metric on the (first) dev split.
 """
@@ -32,7 +34,7 @@ from glue_metrics import compute_metrics_fn, primary_metric  # noqa: E402
 
 from core import NonFiniteGradientError, trainer_optimizer  # noqa: E402
 from harness import (  # noqa: E402
-    RecorderCallback, RunRecorder, build_optimizer, check_launch, is_local_path, launch_info, needs_cpu_backend,
+    RecorderCallback, RunRecorder, TrainerCheckpoints, build_optimizer, check_launch, checkpoint_folder, is_local_path, launch_info, needs_cpu_backend,
     record_tags, require_path, require_writable_folder, seed_everything,
 )  # fmt: skip
 
@@ -180,6 +182,7 @@ def final_metrics(metrics_by_split: dict[str, dict]) -> dict[str, float]:
 
 def train(cfg: DictConfig) -> float:
     """Fine-tune, evaluate, record; returns the task's Table-2 metric on the first dev split."""
+    from accelerate import PartialState
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
     task = cfg.task.name
@@ -189,42 +192,54 @@ def train(cfg: DictConfig) -> float:
     check_launch()
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
+    optim = OmegaConf.to_container(cfg.optim, resolve=True)
+    hparams = {k: v for k, v in optim.items() if k != "name"}
+    use_cpu = bool(cfg.train.use_cpu or needs_cpu_backend())  # torchrun on a machine without CUDA: DDP over gloo
+    processes = PartialState(cpu=use_cpu)  # joins the launched processes (as Trainer's would) for the shared names
+    recorder = None
+    if processes.is_main_process:
+        launch = launch_info(processes.num_processes, cfg.train.batch_size, cfg.train.grad_accum)
+        recorder = RunRecorder(
+            cfg.results_dir, experiment=EXPERIMENT, optimizer=optim["name"],
+            hparams=hparams, seed=cfg.seed, config=OmegaConf.to_container(cfg, resolve=True), launch=launch,
+            tags=record_tags(OmegaConf.to_container(cfg.tags, resolve=True), launch), run_name=cfg.run_name or None,
+            wandb=OmegaConf.to_container(cfg.wandb) if cfg.wandb else None, resume=bool(cfg.resume))
+        recorder.check_can_start()  # another run of this configuration stops here, before anything is loaded
+    # resume=true/false and the checkpoints of this run are checked now, before anything is loaded
+    checkpoints = TrainerCheckpoints.from_config(cfg, checkpoint_folder(recorder), world_size=processes.num_processes,
+                                                 main=processes.is_main_process)
     seed_everything(cfg.seed)
     tokenizer, model = load_model(cfg, glue_data.num_labels(task))
     train_set, eval_sets = load_data(cfg, tokenizer)
     print(f"{task}: {len(train_set)} train, " + ", ".join(f"{len(d)} {s}" for s, d in eval_sets.items()))
 
     args = TrainingArguments(
-        output_dir=cfg.output_dir, save_strategy="no", report_to="none", seed=cfg.seed,
+        **checkpoints.training_arguments(cfg.train.logging_steps, cfg.output_dir), report_to="none", seed=cfg.seed,
         per_device_train_batch_size=cfg.train.batch_size, per_device_eval_batch_size=cfg.train.eval_batch_size,
         gradient_accumulation_steps=cfg.train.grad_accum, num_train_epochs=cfg.train.epochs,
         max_steps=cfg.train.max_steps, learning_rate=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
         max_grad_norm=cfg.train.max_grad_norm, logging_steps=cfg.train.logging_steps,
         eval_strategy=cfg.train.eval_strategy, bf16=cfg.train.bf16, dataloader_num_workers=cfg.train.num_workers,
         lr_scheduler_type=cfg.train.scheduler, warmup_steps=cfg.train.warmup_ratio,  # < 1: a fraction of the steps
-        use_cpu=cfg.train.use_cpu or needs_cpu_backend())  # torchrun on a machine without CUDA: DDP over gloo
-    optim = OmegaConf.to_container(cfg.optim, resolve=True)
-    hparams = {k: v for k, v in optim.items() if k != "name"}
+        use_cpu=use_cpu)
     # Trainer builds it (build_optimizer(model, name, **hparams)) over the model it trains, then its scheduler
     factory = trainer_optimizer(optim["name"], build=build_optimizer)
     trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_sets,
                       processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
                       compute_metrics=compute_metrics_fn(task), optimizer_cls_and_kwargs=(factory, hparams))
 
-    recorder = None
-    if trainer.is_world_process_zero():
-        launch = launch_info(args.world_size, cfg.train.batch_size, cfg.train.grad_accum)
-        recorder = RunRecorder(
-            cfg.results_dir, experiment=EXPERIMENT, optimizer=optim["name"],
-            hparams=hparams, seed=cfg.seed, config=OmegaConf.to_container(cfg, resolve=True), launch=launch,
-            tags=record_tags(OmegaConf.to_container(cfg.tags, resolve=True), launch), run_name=cfg.run_name or None,
-            wandb=OmegaConf.to_container(cfg.wandb) if cfg.wandb else None)
+    if recorder is not None:
         trainer.add_callback(RecorderCallback(recorder))
+    if checkpoints.every:
+        trainer.add_callback(checkpoints.callback(recorder))  # completes each checkpoint-<N> the Trainer saves
+    checkpoints.restore_record(recorder)
 
     with recorder or contextlib.nullcontext():  # on disk (running) from here, closed however the run ends
         try:
-            result = trainer.train()
-            summary = {"train_loss": result.training_loss, "train_runtime_s": result.metrics["train_runtime"]}
+            resume_from = str(checkpoints.resume_from) if checkpoints.resume_from else None
+            result = trainer.train(resume_from_checkpoint=resume_from)
+            summary = {"train_loss": checkpoints.run_training_loss(result.training_loss, trainer.state.global_step),
+                       "train_runtime_s": result.metrics["train_runtime"]}
         except NonFiniteGradientError as err:  # an LR sweep reports such a run as diverged instead of dropping it
             print(f"diverged at step {trainer.state.global_step + 1}: {err}")
             summary = {"diverged_at_step": trainer.state.global_step + 1}

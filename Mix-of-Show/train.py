@@ -10,7 +10,9 @@ paper's (text, UNet) learning-rate pairs.
 Steps: load ChilloutMix (or build the tiny model) -> one new token per concept token and cross-attention layer
 (edlora.py) -> LoRA on text encoder + UNet -> train with captions "<TOK>, ..." -> fuse the LoRA at
 ``fusion_scale`` -> "a pencil sketch of <V1> <V2>" for each seed -> record the share of black images in
-``results/mix_of_show/<run>.json``, the images in ``results/mix_of_show/samples/<run>.png``.
+``results/mix_of_show/<run>.json``, the images in ``results/mix_of_show/samples/<run>.png``; with
+``checkpoint.every=N`` a checkpoint every N steps in ``results/mix_of_show/checkpoints/<run>/`` (``resume=true``
+continues from the latest).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 import edlora
 from core import build_optimizer
 from harness import diffusion as D
-from harness import train_loop
+from harness import Checkpointer, ResumableDataset, checkpoint_folder, train_loop
 
 EXPERIMENT = "mix_of_show"
 
@@ -59,10 +61,14 @@ def main(cfg: DictConfig) -> float:
     name, hparams, overrides = D.optimizer_settings(
         OmegaConf.to_container(cfg.optim, resolve=True), cfg.unet_lr, cfg.text_lr, cfg.unet_reg, cfg.text_reg,
         embedding_lr=cfg.edlora.embedding_lr if cfg.edlora.train_embeddings else None, text_encoder=sd.text_encoder)
+    recorder = D.make_recorder(
+        cfg, EXPERIMENT, name, hparams, results_dir, accelerator, layers=num_layers,
+        embedding_lr=cfg.edlora.embedding_lr if cfg.edlora.train_embeddings else 0.0)
+    checkpointer = Checkpointer.from_config(cfg, checkpoint_folder(recorder), accelerator)  # resume rules checked
     optimizer = build_optimizer(model, name, group_overrides=overrides, **hparams)
-    if cfg.edlora.train_embeddings:
-        D.keep_original_embedding_rows(optimizer, sd.text_encoder.get_input_embeddings(), new_ids,
-                                       freeze_at_norm=cfg.edlora.emb_norm_threshold)
+    if cfg.edlora.train_embeddings:  # which rows learn (all frozen at the norm threshold) is part of a checkpoint
+        checkpointer.register(embedding_rows=D.keep_original_embedding_rows(
+            optimizer, sd.text_encoder.get_input_embeddings(), new_ids, freeze_at_norm=cfg.edlora.emb_norm_threshold))
     decay = cfg.train.lr_decay_steps or cfg.train.steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / decay))
 
@@ -75,22 +81,19 @@ def main(cfg: DictConfig) -> float:
     def tokenize(prompts: list[str]) -> torch.Tensor:
         return edlora.tokenize_layerwise(sd.tokenizer, prompts, concept_tokens, num_layers)
 
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
-                                         collate_fn=D.make_collate(tokenize))
+    loader = torch.utils.data.DataLoader(ResumableDataset(dataset), batch_size=cfg.train.batch_size, shuffle=True,
+                                         drop_last=True, collate_fn=D.make_collate(tokenize))
     if len(loader) == 0:
         raise ValueError(f"batch_size {cfg.train.batch_size} is larger than the {len(dataset)} images in {folder}")
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
 
-    # -- train
-    recorder = D.make_recorder(
-        cfg, EXPERIMENT, name, hparams, results_dir, accelerator, layers=num_layers,
-        embedding_lr=cfg.edlora.embedding_lr if cfg.edlora.train_embeddings else 0.0)
+    # -- train (from the latest checkpoint with resume=true)
     with recorder or contextlib.nullcontext():  # on disk (running) from here, closed however the run ends
         losses = train_loop(model, optimizer, loader, lambda m, batch: m(**batch), scheduler=scheduler,
                             max_steps=cfg.train.steps, epochs=math.ceil(cfg.train.steps / len(loader)),
                             grad_clip=cfg.train.grad_clip, accelerator=accelerator, recorder=recorder,
                             desc=f"{name} text_lr={cfg.text_lr:g} unet_lr={cfg.unet_lr:g}",
-                            stop_on_divergence=cfg.train.stop_on_divergence)
+                            stop_on_divergence=cfg.train.stop_on_divergence, checkpointer=checkpointer)
 
         # -- inference: fuse LoRA at fusion_scale, one image per seed, black-image share (+ CLIP scores)
         final = {"final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])), "steps_done": len(losses)}

@@ -9,7 +9,9 @@
 Steps: load SD (or build the tiny model) -> LoRA on UNet attention + text encoder, new tokens <s1><s2> with
 trainable embedding rows -> train on the concept images with the prompt "a photo of <s1><s2>" -> fuse the LoRA at
 ``fusion_scale`` -> generate one image per seed -> record the share of black images (and CLIP scores with a CLIP
-model) in ``results/object_generation/<run>.json``, the images in ``results/object_generation/samples/<run>.png``.
+model) in ``results/object_generation/<run>.json``, the images in ``results/object_generation/samples/<run>.png``;
+with ``checkpoint.every=N`` a checkpoint every N steps in ``results/object_generation/checkpoints/<run>/``
+(``resume=true`` continues from the latest).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from core import build_optimizer
 from harness import diffusion as D
-from harness import train_loop
+from harness import Checkpointer, ResumableDataset, checkpoint_folder, train_loop
 
 EXPERIMENT = "object_generation"
 
@@ -47,24 +49,26 @@ def main(cfg: DictConfig) -> float:
     # -- optimizer: UNet at unet_lr/unet_reg, text encoder (LoRA and new embedding rows) at text_lr/text_reg
     name, hparams, overrides = D.optimizer_settings(
         OmegaConf.to_container(cfg.optim, resolve=True), cfg.unet_lr, cfg.text_lr, cfg.unet_reg, cfg.text_reg)
+    recorder = D.make_recorder(cfg, EXPERIMENT, name, hparams, results_dir, accelerator)
+    checkpointer = Checkpointer.from_config(cfg, checkpoint_folder(recorder), accelerator)  # resume rules checked
     optimizer = build_optimizer(model, name, group_overrides=overrides, **hparams)
     if new_ids:
-        D.keep_original_embedding_rows(optimizer, sd.text_encoder.get_input_embeddings(), new_ids)
+        checkpointer.register(embedding_rows=D.keep_original_embedding_rows(
+            optimizer, sd.text_encoder.get_input_embeddings(), new_ids))
 
     # -- data: the concept images, all with the instance prompt, colour jitter
     dataset = D.ConceptDataset(D.concept_folder(cfg, data_root), cfg.data.resolution, prompt=cfg.data.instance_prompt,
                                random_crop=cfg.data.random_crop, hflip=cfg.data.hflip, jitter=cfg.data.color_jitter)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True,
+    loader = torch.utils.data.DataLoader(ResumableDataset(dataset), batch_size=cfg.train.batch_size, shuffle=True,
                                          collate_fn=D.make_collate(lambda p: D.tokenize(sd.tokenizer, p)))
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
 
-    # -- train
-    recorder = D.make_recorder(cfg, EXPERIMENT, name, hparams, results_dir, accelerator)
+    # -- train (from the latest checkpoint with resume=true)
     with recorder or contextlib.nullcontext():  # on disk (running) from here, closed however the run ends
         losses = train_loop(model, optimizer, loader, lambda m, batch: m(**batch), max_steps=cfg.train.steps,
                             epochs=math.ceil(cfg.train.steps / len(loader)), grad_clip=cfg.train.grad_clip,
                             accelerator=accelerator, recorder=recorder, desc=f"{name} text_lr={cfg.text_lr:g}",
-                            stop_on_divergence=cfg.train.stop_on_divergence)
+                            stop_on_divergence=cfg.train.stop_on_divergence, checkpointer=checkpointer)
 
         # -- inference: fuse LoRA at fusion_scale, one image per seed, black-image share (+ CLIP scores)
         final = {"final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])), "steps_done": len(losses)}

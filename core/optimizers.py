@@ -169,6 +169,7 @@ class _LoraOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable, defaults: dict, precondition: bool, check_finite: bool):
         self.precondition, self.check_finite = precondition, check_finite
+        self._hyperparameters = tuple(defaults)  # this class's; others may add to self.defaults (accelerate does)
         self._workspaces: dict[int, Workspace] = {}  # per group, the batched preconditioner's (see core._workspace)
         self._pair_shapes: dict[int, list] = {}  # per group, the factor shapes last checked to chain
         params = list(params)
@@ -268,7 +269,7 @@ class _LoraOptimizer(torch.optim.Optimizer):
         if "pairs" not in saved:  # a state of another optimizer (torch's)
             loaded = self._foreign_group(where, group, saved)
         else:
-            missing = sorted(set(self.defaults) - set(saved))
+            missing = sorted(set(self._hyperparameters) - set(saved))
             if missing:
                 kind = ("an AdamW-type optimizer" if "betas" in saved else "an SGD-type optimizer" if "momentum" in
                         saved else "another optimizer")  # fmt: skip

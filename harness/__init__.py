@@ -1,5 +1,6 @@
 """What the experiments share, layered above :mod:`core` (which never imports it): run records, the training loop,
-paths, config resolvers, seeding, the peer optimizers; :mod:`harness.diffusion` holds the Stable Diffusion pipeline.
+checkpoints, paths, config resolvers, seeding, the peer optimizers; :mod:`harness.diffusion` holds the Stable
+Diffusion pipeline.
 
 >>> from harness import RunRecorder, build_optimizer, train_loop
 >>> optimizer = build_optimizer(model, "loraplus", lr=2e-4)   # a peer, or one of the paper's four via core
@@ -9,6 +10,9 @@ Importing it registers the ``${repo_root:}``, ``${data_root:}`` and ``${package_
 import it where it is used, or live in :mod:`harness.diffusion`.
 """
 
+from .checkpoint import (
+    Checkpointer, ResumableDataset, RunCheckpoints, TrainerCheckpoints, checkpoint_folder, trainable_state,
+)  # fmt: skip
 from .distributed import check_launch, launch_info, make_accelerator, needs_cpu_backend, record_tags
 from .experiments import load_module
 from .loop import RecorderCallback, TrainingDiverged, train_loop
@@ -30,6 +34,7 @@ __all__ = [
     "RecordLockedError", "RunInterrupted",
     "train_loop", "RecorderCallback", "TrainingDiverged",
     "make_accelerator", "check_launch", "needs_cpu_backend", "launch_info", "record_tags",
+    "Checkpointer", "TrainerCheckpoints", "RunCheckpoints", "ResumableDataset", "checkpoint_folder", "trainable_state",
     "REPO_ROOT", "default_data_root", "require_path", "require_writable_folder", "is_local_path", "register_resolvers",
     "seed_everything", "load_module",
 ]  # fmt: skip

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from core import NonFiniteGradientError
 
+from .checkpoint import Checkpointer, LoopState
 from .records import RunRecorder
 
 __all__ = ["train_loop", "mean_over_processes", "RecorderCallback", "TrainingDiverged"]
@@ -52,6 +53,7 @@ def train_loop(
     eval_every: int | None = None,
     stop_on_divergence: bool = False,
     progress: bool = True,
+    checkpointer: Checkpointer | None = None,
 ) -> list[float]:
     """Train for ``epochs`` passes over ``batches`` (or ``max_steps`` steps); return the per-step losses.
 
@@ -65,16 +67,26 @@ def train_loop(
     With several processes the step loss is the mean of the processes' losses, all-reduced before it is checked
     and logged, so every rank stops at the same step and returns the same losses; a ``loss_fn`` that normalises
     its rank's loss by the global batch's size makes that mean the loss of the global batch.
+
+    With a ``checkpointer`` (:class:`harness.Checkpointer`) the run saves a checkpoint after every
+    ``checkpointer.every``-th step (logged and evaluated) and after the last one, and a resumed run starts where its
+    checkpoint stood: the returned losses are then those of the whole run.
     """
     total = max_steps if max_steps is not None else (epochs * len(batches) if hasattr(batches, "__len__") else None)
     params = [p for p in model.parameters() if p.requires_grad]
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    losses: list[float] = []
-    step = 0
+    position = checkpointer.start(model, optimizer, batches, scheduler, recorder) if checkpointer else LoopState()
+    losses, step = position.losses, position.step
+
+    def done() -> bool:
+        return max_steps is not None and step >= max_steps
+
     model.train()
-    with tqdm(total=total, desc=desc, disable=not progress, dynamic_ncols=True) as bar:
-        for _ in range(epochs):
-            for batch in batches:
+    with tqdm(total=total, initial=step, desc=desc, disable=not progress, dynamic_ncols=True) as bar:
+        for epoch in range(position.epoch, epochs):
+            if done():
+                break
+            for batch in checkpointer.epoch(batches, epoch) if checkpointer else batches:
                 start = time.perf_counter()
                 loss = loss_fn(model, batch)
                 step_loss = mean_over_processes(loss.detach(), accelerator)  # what every rank logs and checks
@@ -116,8 +128,12 @@ def train_loop(
                     model.train()
                     if recorder is not None:
                         recorder.log_metrics(step, **metrics)
-                if max_steps is not None and step >= max_steps:
-                    return losses
+                if checkpointer is not None:
+                    checkpointer.step_done(step, losses)
+                if done():
+                    break
+    if checkpointer is not None:
+        checkpointer.finish(step, losses)
     return losses
 
 

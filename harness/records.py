@@ -29,7 +29,9 @@ differ never share a record; re-running one configuration replaces its record.
 One run per record at a time. Starting a run creates ``<run_name>.lock`` beside the record (atomically, with
 ``O_EXCL``; it holds pid, host, start time and command) and removes it when the record is closed. A second run of
 the same record stops before any work with :class:`RecordLockedError`; a lock left by a killed process is reported
-as stale, with the command that removes it, and is never removed silently.
+as stale, with the command that removes it, and is never removed silently: only a resumed run
+(``RunRecorder(..., resume=True)``, the experiments' ``resume=true``) takes over the lock of a process of this host
+that is gone, and says so.
 
 Finished records are kept until a finished run replaces them. A run whose record exists and is finished (``done``,
 ``diverged``, or a record written before ``status`` existed) works under ``<run_name>.pending.json`` (its files
@@ -279,6 +281,19 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _stale_lock_holder(lock: Path) -> str | None:
+    """The killed process that left ``lock`` (on this host, no longer running), described; ``None`` when the lock
+    cannot be read, is of another host or its process still runs (a lock no resumed run may take over)."""
+    try:
+        info = json.loads(lock.read_text(encoding="utf-8"))
+        pid, host = int(info["pid"]), str(info["host"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if host != socket.gethostname() or _pid_alive(pid):
+        return None
+    return f"process {pid} on {host}, started {info.get('started', '?')} (`{info.get('command', '?')}`)"
+
+
 def _lock_message(lock: Path, record: Path) -> str:
     """Why ``lock`` stops a run of ``record``, and what to do."""
     try:
@@ -296,8 +311,9 @@ def _lock_message(lock: Path, record: Path) -> str:
         return (f"another run of this configuration is writing {record}: {holder}. Wait for it to end, or give "
                 f"this run its own run_name")
     return (f"stale lock {lock}: {holder} is no longer running; it was killed before it could close {record}, "
-            f"which says how far it got. Nothing was changed. To run this configuration again, remove the lock: "
-            f"rm '{lock}'")
+            f"which says how far it got. Nothing was changed. If that run saved checkpoints, continue it with "
+            f"resume=true (which takes the lock over); to run this configuration again from the start, remove the "
+            f"lock: rm '{lock}'")
 
 
 class RunRecorder:
@@ -325,8 +341,10 @@ class RunRecorder:
         run_name: str | None = None,
         wandb: dict[str, Any] | bool | None = None,
         launch: dict[str, Any] | None = None,
+        resume: bool = False,
     ):
         tags = dict(tags or {})
+        self.resume = bool(resume)
         self.record = RunRecord(
             experiment=experiment, optimizer=optimizer, hparams=_plain(dict(hparams)), seed=int(seed),
             config=_plain(dict(config or {})), tags=_plain(tags), launch=_plain(dict(launch or {})),
@@ -366,6 +384,7 @@ class RunRecorder:
                              f"({self.path.name} or {self.pending_path.name})")
         self._write_path = path
         self._reopened = True
+        self.resume = False
         self._started = self._closed = False
         self._sigterm_handler = []
         self._wandb_settings = self._wandb = None
@@ -387,7 +406,7 @@ class RunRecorder:
         """Raise what :meth:`start` would raise, without taking the lock: :class:`RecordLockedError` when the record
         is locked, ``ValueError`` when its file exists but is not a run record. For a run to stop before it loads
         anything (:meth:`start` takes the lock atomically later, when the work that a record is for begins)."""
-        if self.lock_path.exists():
+        if self.lock_path.exists() and not (self.resume and _stale_lock_holder(self.lock_path)):
             raise RecordLockedError(_lock_message(self.lock_path, self.path))
         if not self._reopened and self.path.exists():
             _read_record(self.path)
@@ -402,6 +421,8 @@ class RunRecorder:
             return self
         self.folder.mkdir(parents=True, exist_ok=True)
         info = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now(), "command": self.record.command}
+        if self.resume:
+            self._take_over_stale_lock()
         try:
             fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
@@ -430,6 +451,15 @@ class RunRecorder:
             self._wandb = wandb_lib.init(name=record.run_name, **settings,
                                          config={"optimizer": record.optimizer, **record.hparams, "tags": record.tags})
         return self
+
+    def _take_over_stale_lock(self) -> None:
+        """A resumed run (``resume=True``) continues the run a kill left behind: it removes the lock that run left
+        when its process is gone and was on this host, and says so. Any other lock stays and stops the run."""
+        holder = _stale_lock_holder(self.lock_path) if self.lock_path.exists() else None
+        if holder is not None:
+            print(f"resume: taking over {self.lock_path}, left by {holder}, which is no longer running",
+                  file=sys.stderr)
+            self.lock_path.unlink(missing_ok=True)
 
     def __enter__(self) -> "RunRecorder":
         self.start()
@@ -532,6 +562,19 @@ class RunRecorder:
             self._wandb.log({f"eval/{k}": v for k, v in entry.items() if k != "step"}, step=step)
         if self.is_open:
             self._write()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The record so far (a JSON-safe copy), what a checkpoint keeps; :meth:`load_state_dict` puts it back."""
+        return json.loads(json.dumps(dataclasses.asdict(self.record)))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the record ``state`` (from :meth:`state_dict` of the same run): its steps, evaluations, final
+        metrics and creation time replace this recorder's; this process's config, hardware and command stay."""
+        saved = RunRecord.from_dict(state, "the checkpoint's record")
+        if saved.run_name != self.record.run_name:
+            raise ValueError(f"the checkpoint's record is of run {saved.run_name!r}, not {self.record.run_name!r}")
+        self.record.steps, self.record.evals = saved.steps, saved.evals
+        self.record.final_metrics, self.record.created = saved.final_metrics, saved.created
 
     def save(self, final_metrics: dict[str, Any] | None = None) -> Path:
         """Rewrite the record as it stands (at a checkpoint, or with the results so far in ``final_metrics``, e.g.

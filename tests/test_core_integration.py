@@ -107,6 +107,26 @@ def test_accelerate_prepare_and_step():
     assert "pairs" in state["param_groups"][0]
 
 
+
+@pytest.mark.parametrize("name", ["scaled_gd", "scaled_adamw"])
+def test_a_state_saved_through_accelerate_loads_into_a_prepared_optimizer(name):
+    """accelerate.prepare adds entries of its own to the optimizer's defaults (``differentiable``): a state saved
+    before them, or by a fresh optimizer, still loads, and the resumed step equals the uninterrupted one."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    model = MixedModel()
+    opt = accelerator.prepare(build_optimizer(model, name, lr=0.05, reg=1e-4))
+    plain = build_optimizer(copy.deepcopy(model), name, lr=0.05, reg=1e-4)
+    saved = copy.deepcopy(plain.state_dict())  # no accelerate entries in it
+    opt.load_state_dict(saved)
+    opt.zero_grad()
+    accelerator.backward(loss_of(model))
+    opt.step()
+    again = accelerator.prepare(build_optimizer(copy.deepcopy(model), name, lr=0.05, reg=1e-4))
+    again.load_state_dict(opt.state_dict())
+    assert again.state_dict()["state"].keys() == opt.state_dict()["state"].keys()
+
 DDP_SCRIPT = textwrap.dedent(
     """
     import os

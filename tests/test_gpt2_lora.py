@@ -7,7 +7,7 @@ import torch
 from omegaconf import OmegaConf
 
 import core
-from harness import load_module
+from harness import load_module, trainable_state
 
 lora_layers = load_module("GPT-2/lora_layers.py")
 models = load_module("GPT-2/models.py")
@@ -91,13 +91,13 @@ def test_scaled_adamw_trains_the_merged_pairs(data_root):
     model, _ = tiny_gpt2(data_root)
     model = lora_layers.apply_lora(model, OmegaConf.create(LORA))
     opt = core.build_optimizer(model, "scaled_adamw", lr=1e-2, betas=(0.7, 0.8), weight_decay=0.0, reg=1e-6)
-    before = lora_layers.trainable_state(model)
+    before = trainable_state(model)
     ids = torch.randint(0, 50257, (2, 8))
     for _ in range(2):
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad()
-    after = lora_layers.trainable_state(model)
+    after = trainable_state(model)
     assert all(not torch.equal(before[k], after[k]) for k in before)
 
 

@@ -168,6 +168,29 @@ def test_a_stale_lock_is_reported_with_how_to_remove_it_never_broken(tmp_path):
     rec.finish({})
 
 
+def test_a_resumed_run_takes_over_only_a_dead_local_processes_lock(tmp_path, capsys):
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+    killed = recorder(tmp_path).start()  # a run killed with SIGKILL: its record says running, its lock stays
+    killed.lock_path.write_text(json.dumps({"pid": dead, "host": socket.gethostname(), "command": "train.py"}))
+    fresh = recorder(tmp_path)
+    with pytest.raises(RecordLockedError, match="continue it with resume=true"):
+        fresh.check_can_start()
+    for host, pid, message in (("elsewhere", dead, "another host"), (socket.gethostname(), os.getpid(),
+                                                                       "another run of this configuration")):
+        killed.lock_path.write_text(json.dumps({"pid": pid, "host": host, "command": "train.py"}))
+        with pytest.raises(RecordLockedError, match=message):
+            recorder(tmp_path, resume=True).start()
+    killed.lock_path.write_text(json.dumps({"pid": dead, "host": socket.gethostname(), "command": "train.py"}))
+    resumed = recorder(tmp_path, resume=True)
+    resumed.check_can_start()
+    with resumed:
+        assert f"taking over {resumed.lock_path}, left by process {dead}" in capsys.readouterr().err
+        assert json.loads(resumed.lock_path.read_text())["pid"] == os.getpid()
+        resumed.finish({"BLEU": 0.5})
+    assert on_disk(resumed.path)["status"] == "done" and not resumed.lock_path.exists()
+
+
 def test_gpt2_stops_before_loading_anything_when_its_record_is_locked(tmp_path, monkeypatch):
     cfg = compose_cfg("preset=tiny", f"results_dir={tmp_path}")
     holder = train.make_recorder(cfg).start()

@@ -18,8 +18,8 @@ Importing it imports diffusers, transformers and PEFT.
 from .data import IMAGE_SUFFIXES, ConceptDataset, color_jitter, make_collate, tokenize
 from .figures import black_share_figure, figure_main, image_grid, load_strip, records_table, save_strip, select_records
 from .models import (
-    LoraDiffusionModel, SDComponents, add_concept_tokens, add_lora, build_tiny_tokenizer, fuse_lora,
-    keep_original_embedding_rows, load_components, lora_delta_norm, lora_layers, optimizer_settings,
+    EmbeddingRowGuard, LoraDiffusionModel, SDComponents, add_concept_tokens, add_lora, build_tiny_tokenizer,
+    fuse_lora, keep_original_embedding_rows, load_components, lora_delta_norm, lora_layers, optimizer_settings,
     tiny_text_encoder_config, tiny_unet_config, tiny_vae_config,
 )  # fmt: skip
 from .runs import concept_folder, fuse_sample_and_finish, load_lora_components, make_recorder, start_run
@@ -28,8 +28,8 @@ from .sampling import black_image_mask, clip_similarity, generate, make_sampler,
 __all__ = [
     "IMAGE_SUFFIXES", "ConceptDataset", "color_jitter", "tokenize", "make_collate",
     "build_tiny_tokenizer", "tiny_unet_config", "tiny_vae_config", "tiny_text_encoder_config", "SDComponents",
-    "load_components", "add_concept_tokens", "keep_original_embedding_rows", "add_lora", "lora_layers",
-    "lora_delta_norm", "fuse_lora", "optimizer_settings", "LoraDiffusionModel",
+    "load_components", "add_concept_tokens", "keep_original_embedding_rows", "EmbeddingRowGuard", "add_lora",
+    "lora_layers", "lora_delta_norm", "fuse_lora", "optimizer_settings", "LoraDiffusionModel",
     "make_sampler", "generate", "black_image_mask", "to_pil", "clip_similarity", "sample_and_score",
     "image_grid", "save_strip", "load_strip", "black_share_figure", "records_table", "select_records", "figure_main",
     "start_run", "load_lora_components", "concept_folder", "make_recorder", "fuse_sample_and_finish",

@@ -4,7 +4,7 @@
   UNet / VAE / CLIP text encoder in code (:func:`tiny_unet_config` ...) with an offline CLIP tokenizer whose small
   vocabulary comes from GPT-2's (:func:`build_tiny_tokenizer`);
 * new tokens: :func:`add_concept_tokens` adds placeholder tokens, :func:`keep_original_embedding_rows` makes sure
-  only their embedding rows ever change;
+  only their embedding rows ever change (an :class:`EmbeddingRowGuard`, checkpointed with the run);
 * LoRA: :func:`add_lora` (PEFT, linear and 1x1-conv targets), :func:`lora_layers`, :func:`lora_delta_norm`,
   :func:`fuse_lora` (merge at a scale);
 * :class:`LoraDiffusionModel` (``forward(pixel_values, input_ids) -> loss``; ``input_ids`` of shape (B, L, T) give
@@ -31,8 +31,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 __all__ = [
     "build_tiny_tokenizer", "tiny_unet_config", "tiny_vae_config", "tiny_text_encoder_config", "SDComponents",
-    "load_components", "add_concept_tokens", "keep_original_embedding_rows", "add_lora", "lora_layers",
-    "lora_delta_norm", "fuse_lora", "optimizer_settings", "LoraDiffusionModel",
+    "load_components", "add_concept_tokens", "keep_original_embedding_rows", "EmbeddingRowGuard", "add_lora",
+    "lora_layers", "lora_delta_norm", "fuse_lora", "optimizer_settings", "LoraDiffusionModel",
 ]  # fmt: skip
 
 
@@ -175,32 +175,59 @@ def add_concept_tokens(tokenizer, text_encoder: nn.Module, tokens: Sequence[str]
     return ids
 
 
+class EmbeddingRowGuard:
+    """What :func:`keep_original_embedding_rows` returns: ``remove()`` undoes it; ``state_dict()`` /
+    ``load_state_dict()`` carry which rows are kept (all of them once frozen at the norm threshold), for a
+    checkpoint. The kept rows' values are not stored: after every step they equal the weight's own rows, so
+    ``load_state_dict`` takes them from the weight, which must already be restored (``harness.Checkpointer`` loads
+    the trainable parameters first)."""
+
+    def __init__(self, weight: torch.Tensor, keep: torch.Tensor, handle):
+        self.weight, self.keep, self._handle = weight, keep, handle
+        self.rows = weight.detach()[keep].clone()
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+    def state_dict(self) -> dict:
+        return {"keep": self.keep.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["keep"].shape != self.keep.shape:
+            raise ValueError(f"the saved rows cover {state['keep'].shape[0]} tokens, this embedding has "
+                             f"{self.keep.shape[0]}")
+        self.keep = state["keep"].clone()
+        self.rows = self.weight.detach()[self.keep.to(self.weight.device)].clone()
+
+
 def keep_original_embedding_rows(optimizer: torch.optim.Optimizer, embedding: nn.Embedding,
-                                 trainable_ids: Sequence[int], freeze_at_norm: float | None = None):
+                                 trainable_ids: Sequence[int], freeze_at_norm: float | None = None
+                                 ) -> EmbeddingRowGuard:
     """Restore every row of the (trainable) ``embedding`` weight outside ``trainable_ids`` after each step of
     ``optimizer`` (weight decay or momentum could otherwise move them), so only the new tokens learn.
 
     With ``freeze_at_norm`` the new rows are frozen too once their mean L2 norm reaches it (Mix-of-Show's
-    ``emb_norm_threshold``). Returns the hook handle (``.remove()`` to undo).
+    ``emb_norm_threshold``). Returns an :class:`EmbeddingRowGuard` (``.remove()`` to undo; its state goes into a
+    checkpoint).
     """
     weight = embedding.weight
     if not any(p is weight for group in optimizer.param_groups for p in group["params"]):
         raise ValueError("the embedding weight is not optimized by this optimizer: make it trainable "
                          "(add_concept_tokens(..., trainable=True)) before building the optimizer")
     ids = torch.as_tensor(list(trainable_ids), dtype=torch.long)
-    state = {"keep": torch.ones(weight.shape[0], dtype=torch.bool)}
-    state["keep"][ids] = False
-    state["rows"] = weight.detach()[state["keep"]].clone()
+    keep = torch.ones(weight.shape[0], dtype=torch.bool)
+    keep[ids] = False
 
     def restore(*_):
         with torch.no_grad():
-            keep = state["keep"].to(weight.device)
-            weight[keep] = state["rows"].to(weight.device, weight.dtype)
-            if freeze_at_norm is not None and not keep.all() and weight[ids].norm(dim=-1).mean() >= freeze_at_norm:
-                state["keep"][:] = True
-                state["rows"] = weight.detach().clone()
+            kept = guard.keep.to(weight.device)
+            weight[kept] = guard.rows.to(weight.device, weight.dtype)
+            if freeze_at_norm is not None and not kept.all() and weight[ids].norm(dim=-1).mean() >= freeze_at_norm:
+                guard.keep = torch.ones_like(guard.keep)
+                guard.rows = weight.detach().clone()
 
-    return optimizer.register_step_post_hook(restore)
+    guard = EmbeddingRowGuard(weight, keep, optimizer.register_step_post_hook(restore))
+    return guard
 
 
 def add_lora(model: nn.Module, targets: Sequence[str], rank: int, alpha: float) -> nn.Module:
