@@ -39,6 +39,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .paths import require_writable_folder
+
 __all__ = [
     "checkpoint_folder", "trainable_state", "load_trainable_state", "rng_state", "set_rng_state", "config_difference",
     "RunCheckpoints", "Checkpointer", "LoopState", "ResumableDataset", "TrainerCheckpoints", "MANIFEST", "LATEST",
@@ -176,6 +178,8 @@ class RunCheckpoints:
                  config: dict | None = None, world_size: int = 1, main: bool = True):
         self.every, self.keep, self.resume = _settings(every, keep, resume)
         self.folder, self.config, self.world_size, self.main = Path(folder), config or {}, world_size, main
+        if self.every and self.main:  # a folder that cannot be written would fail at the first save, after training
+            require_writable_folder(self.folder, "checkpoint folder (checkpoint.every)")
         self.resume_from, self.resumed_step = self._resume_point()  # (None, 0) for a fresh run
 
     @classmethod

@@ -86,6 +86,13 @@ def test_resume_rules_name_the_problem(tmp_path):
         RunCheckpoints(tmp_path / "cut", every=1)
 
 
+def test_an_unwritable_checkpoint_folder_stops_the_run_before_training(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(PermissionError, match="checkpoint folder .*a_file/run' is not writable"):
+        RunCheckpoints(tmp_path / "a_file" / "run", every=5)
+    assert RunCheckpoints(tmp_path / "a_file" / "run").every is None  # no checkpoints: nothing to write
+
+
 def test_config_difference_names_the_first_differing_key():
     saved = {"a": 1, "b": {"c": [1, 2], "d": "x"}, "resume": False, "checkpoint": {"every": 2}}
     assert config_difference(saved, {**saved, "resume": True, "checkpoint": {"every": 9}}) is None
