@@ -41,3 +41,19 @@ def test_single_run_in_process_and_unknown_mode(tmp_path):
     assert record.optimizer == "sgd" and record.final_metrics["reached_tol"] is True
     with pytest.raises(ValueError, match="mode must be 'grid' or 'single', got 'everything'"):
         run(bad)
+
+
+@pytest.mark.parametrize("optim, lr, kappa", [("sgd", 1.0, 100), ("scaled_gd", 0.25, 1000), ("adamw", 0.1, 1000),
+                                              ("scaled_adamw", 0.01, 100)])
+def test_a_rerun_rewrites_the_committed_theory_record_bit_for_bit(tmp_path, optim, lr, kappa):
+    """The committed ``results/theory`` records are what this code computes: the same final metrics and per-step
+    losses, exactly (float64, one thread)."""
+    [committed] = [r for r in load_records(ROOT / "results", "theory") if r.optimizer == optim
+                   and r.hparams["lr"] == lr and r.tags == {"kappa": float(kappa), "conditioning": "target"}]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="theory", overrides=[f"results_dir={tmp_path}", "mode=single", f"optim={optim}",
+                                                       f"optim.lr={lr}", f"kappa={kappa}"])  # fmt: skip
+    run(cfg)
+    (rerun,) = load_records(tmp_path, "theory")
+    assert rerun.final_metrics == committed.final_metrics
+    assert [s["loss"] for s in rerun.steps] == [s["loss"] for s in committed.steps]
