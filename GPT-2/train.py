@@ -155,9 +155,10 @@ def run(cfg: DictConfig, accelerator, recorder: harness.RunRecorder | None,
     collate_fn = partial(collate, pad_id=tokenizer.pad_token_id)
     # Each process takes batch_size examples a step; accelerate gives rank r the batches r, r + N, ... of this
     # loader, so a step's global batch is the one-process run's batch of N * batch_size (same shuffled order).
+    train_set = harness.ResumableDataset(E2EDataset(splits["train"], tokenizer, int(cfg.data.max_length)))
     train_loader = torch.utils.data.DataLoader(
-        harness.ResumableDataset(E2EDataset(splits["train"], tokenizer, int(cfg.data.max_length))), batch_size=int(cfg.train.batch_size),
-        collate_fn=collate_fn, shuffle=True, generator=torch.Generator().manual_seed(int(cfg.seed)))
+        train_set, batch_size=int(cfg.train.batch_size), collate_fn=collate_fn, shuffle=True,
+        generator=torch.Generator().manual_seed(int(cfg.seed)))
     valid_set = E2EDataset(splits["validation"], tokenizer, int(cfg.data.max_length))
     valid_loader = torch.utils.data.DataLoader(valid_set, collate_fn=collate_fn, batch_sampler=validation_batches(
         valid_set, int(cfg.train.batch_size) * accelerator.num_processes, accelerator.process_index,

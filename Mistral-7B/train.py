@@ -34,8 +34,8 @@ from glue_metrics import compute_metrics_fn, primary_metric  # noqa: E402
 
 from core import NonFiniteGradientError, trainer_optimizer  # noqa: E402
 from harness import (  # noqa: E402
-    RecorderCallback, RunRecorder, TrainerCheckpoints, build_optimizer, check_launch, checkpoint_folder, is_local_path, launch_info, needs_cpu_backend,
-    record_tags, require_path, require_writable_folder, seed_everything,
+    RecorderCallback, RunRecorder, TrainerCheckpoints, build_optimizer, check_launch, checkpoint_folder, is_local_path,
+    launch_info, needs_cpu_backend, record_tags, require_path, require_writable_folder, seed_everything,
 )  # fmt: skip
 
 EXPERIMENT = "glue"

@@ -9,9 +9,10 @@ The launches that start several processes, and what each sets: ``torchrun --npro
 ``accelerate launch --multi_gpu --num_processes N`` (``torch.distributed.run``) set ``WORLD_SIZE``, ``RANK`` and
 ``LOCAL_RANK``. A submitit job with several tasks (``hydra.launcher.tasks_per_node=N``) starts N processes that
 know their task numbers only (``SUBMITIT_*`` / ``SLURM_*``): :func:`check_launch` exports torch's variables from
-them (``submitit.helpers.TorchDistributedEnvironment``), so the tasks train as one run. ``accelerate launch --cpu --num_processes N`` does not: with ``--cpu`` accelerate always takes its
-simple launcher, which starts one process (several only through ``--mpirun_hostfile``) and sets ``MASTER_ADDR`` /
-``MASTER_PORT`` for an MPI launcher it did not start. On a machine without CUDA, accelerate sets up
+them (``submitit.helpers.TorchDistributedEnvironment``), so the tasks train as one run.
+``accelerate launch --cpu --num_processes N`` does not: with ``--cpu`` accelerate always takes its simple launcher,
+which starts one process (several only through ``--mpirun_hostfile``) and sets ``MASTER_ADDR`` / ``MASTER_PORT``
+for an MPI launcher it did not start. On a machine without CUDA, accelerate sets up
 ``torch.distributed`` only when told to run on the CPU (``Accelerator(cpu=True)`` or ``ACCELERATE_USE_CPU``);
 otherwise every process trains alone.
 """

@@ -112,7 +112,8 @@ def test_recorder_snapshot_round_trip(tmp_path):
     later.load_state_dict(rec.state_dict())
     assert later.record.steps == rec.record.steps and later.record.evals == rec.record.evals
     assert later.record.final_metrics == {"diverged_at_step": 4} and later.record.created == rec.record.created
-    with pytest.raises(ValueError, match=r"record is of run 'adamw_lr0.001_seed0_\w{8}', not 'adamw_lr0.001_seed1_\w{8}'"):
+    mismatch = r"record is of run 'adamw_lr0.001_seed0_\w{8}', not 'adamw_lr0.001_seed1_\w{8}'"
+    with pytest.raises(ValueError, match=mismatch):
         RunRecorder(tmp_path, "demo", "adamw", {"lr": 1e-3}, seed=1).load_state_dict(rec.state_dict())
     assert checkpoint_folder(rec) == tmp_path / "demo" / "checkpoints" / rec.record.run_name
 
