@@ -385,13 +385,15 @@ class Checkpointer(RunCheckpoints):
     """
 
     def __init__(self, folder: str | os.PathLike, *, accelerator=None, **kwargs):
-        if accelerator is not None:
+        if accelerator is not None and (kwargs.get("every") or kwargs.get("resume")):
             from accelerate.utils import DistributedType
 
             sharded = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
             if accelerator.distributed_type in sharded:
-                raise NotImplementedError(f"checkpoints under {accelerator.distributed_type.value} are not supported "
-                                          "(sharded parameters and optimizer states)")
+                raise ValueError(f"checkpoint.every / resume: this run is sharded by "
+                                 f"{accelerator.distributed_type.value}, whose sharded parameters and optimizer "
+                                 "states these checkpoints do not save; run with checkpoint.every=null "
+                                 "resume=false, or unsharded (one process or DDP)")
         self.accelerator = accelerator
         self.rank = accelerator.process_index if accelerator is not None else 0
         world_size = accelerator.num_processes if accelerator is not None else 1

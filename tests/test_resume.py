@@ -93,6 +93,18 @@ def test_an_unwritable_checkpoint_folder_stops_the_run_before_training(tmp_path)
     assert RunCheckpoints(tmp_path / "a_file" / "run").every is None  # no checkpoints: nothing to write
 
 
+def test_a_sharded_run_is_refused_checkpoints_only_when_it_asks_for_them(tmp_path):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP, process_index=0, num_processes=1,
+                           is_main_process=True)
+    with pytest.raises(ValueError, match="sharded by FSDP.*checkpoint.every=null"):
+        Checkpointer(tmp_path / "run", accelerator=fsdp, every=2)
+    assert not Checkpointer(tmp_path / "run", accelerator=fsdp).active  # no checkpoints asked for: it trains
+
+
 def test_config_difference_names_the_first_differing_key():
     saved = {"a": 1, "b": {"c": [1, 2], "d": "x"}, "resume": False, "checkpoint": {"every": 2}}
     assert config_difference(saved, {**saved, "resume": True, "checkpoint": {"every": 9}}) is None
