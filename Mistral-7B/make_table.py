@@ -29,7 +29,7 @@ from main_figures.metrics import robustness_verdict, run_outcome, tolerance_for 
 
 EXPERIMENT = "glue"
 OPTIMIZERS = ("sgd", "scaled_gd", "adamw", "scaled_adamw", "peft_riemannian", "loraplus", "lora_rite")
-SENSITIVITY_PRESETS = ("minilm_sst2_reg",)  # reg sweeps (conf/sweep/minilm_reg.yaml): not part of Table 2
+SENSITIVITY_PRESETS = ("minilm_sst2_reg", "minilm_sst2_lora_scale")  # reg and LoRA-scale sweeps: not in Table 2
 BEGIN, END = "<!-- make_table.py: begin -->", "<!-- make_table.py: end -->"
 RESULTS = REPO_ROOT / "results"
 

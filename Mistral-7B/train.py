@@ -118,7 +118,8 @@ def add_lora(cfg: DictConfig, model):
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, bias="none",
-                      target_modules=list(cfg.lora.target_modules), task_type=cfg.lora.task_type)
+                      target_modules=list(cfg.lora.target_modules), task_type=cfg.lora.task_type,
+                      use_rslora=bool(cfg.lora.get("rslora", False)))  # set by the rsLoRA sweep only
     return get_peft_model(model, lora)
 
 

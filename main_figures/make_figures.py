@@ -144,6 +144,14 @@ def _width(function: Callable, study: str = "width") -> Callable[[Path, Path], N
     return build
 
 
+def _glue_lora_scale(results: Path, out: Path) -> None:
+    records = records_of(results, "glue")
+    if not any(r.tags.get("sweep") == "lora_scale" for r in records):
+        raise MissingSource("no 'lora_scale' sweep in the glue records; run: bash Mistral-7B/scripts/sweep.sh "
+                            "minilm_lora_scale")
+    out.write_text(width_figures.glue_lora_scale_table(records))
+
+
 def _peers(results: Path, out: Path) -> None:
     out.write_text(peers_table(results))
 
@@ -182,6 +190,10 @@ PRODUCTS: tuple[Product, ...] = (
             _width(width_figures.lora_scale_figure, "lora_scale"), "main_figures/width_figures.py:lora_scale_figure"),
     Product("lora_scale_table", "LoRA scale: best learning rates", ("width",), "lora_scale_table.md",
             _width(width_figures.lora_scale_table, "lora_scale"), "main_figures/width_figures.py:lora_scale_table"),
+    Product("lora_scale_glue_table", "LoRA scale: best learning rates on SST-2 (MiniLM)", ("glue",),
+            "lora_scale_glue_table.md", _glue_lora_scale, "main_figures/width_figures.py:glue_lora_scale_table",
+            "bash Mistral-7B/scripts/sweep.sh minilm_lora_scale; bash Mistral-7B/scripts/sweep.sh "
+            "minilm_lora_scale_rslora"),
     Product("peers", "Peers side by side (small presets)", tuple(e for e, _, _ in PEER_PRESETS), "peers.md", _peers,
             "main_figures/peers.py:peers_table"),
 )  # fmt: skip

@@ -69,6 +69,10 @@ def default_steps(python: str = sys.executable) -> list[Step]:
              default=False),
         Step("glue_sgd", "MiniLM-L6 on SST-2: LR sweep of SGD vs scaled GD",
              *_bash("Mistral-7B/scripts/sweep.sh", extra=("minilm_lr_sgd",)), default=False),
+        Step("glue_lora_scale", "MiniLM-L6 on SST-2: best lr of AdamW and scaled AdamW vs LoRA rank, alpha, rsLoRA",
+             [["bash", "Mistral-7B/scripts/sweep.sh", "minilm_lora_scale"],
+              ["bash", "Mistral-7B/scripts/sweep.sh", "minilm_lora_scale_rslora"]],
+             ["Mistral-7B/scripts/sweep.sh"], default=False),
     ]  # fmt: skip
 
 

@@ -30,7 +30,7 @@ from main_figures.style import apply_style, optimizer_style, savefig
 __all__ = [
     "SERIES_ORDER", "series_label", "best_lr", "width_points", "optimal_lrs", "width_slopes", "Slope",
     "width_transfer_figure", "width_optimal_lr_figure", "width_feature_figure", "width_table",
-    "lora_scale_best", "lora_scale_figure", "lora_scale_table",
+    "lora_scale_best", "lora_scale_figure", "lora_scale_table", "glue_lora_scale_best", "glue_lora_scale_table",
 ]  # fmt: skip
 
 SERIES_ORDER = ("adamw", "scaled_adamw_gradient", "scaled_adamw_update", "loraplus", "sgd", "scaled_gd")
@@ -339,18 +339,13 @@ def _scaling(tags: dict) -> float:
     return alpha / (math.sqrt(r) if tags.get("rslora") else r)
 
 
-def lora_scale_best(records: Iterable) -> dict[tuple[str, int, float, bool], tuple[float, BestLr]]:
-    """Per (series, rank, alpha, rslora): the LoRA scaling s and the best learning rate (seeds pooled by mean loss
-    at each rate)."""
-    groups = defaultdict(lambda: defaultdict(list))
-    scales = {}
-    for rec in records:
-        t = rec.tags
-        if t.get("study") != "lora_scale" or not counts_as_result(rec):
-            continue
-        key = (t["series"], int(t["rank"]), float(t["alpha"]), bool(t.get("rslora")))
-        scales[key] = _scaling(t)
-        groups[key][float(rec.hparams["lr"])].append(_point(rec))
+def _best_per_setting(items: Iterable[tuple[tuple, float, Point]]) -> dict[tuple, tuple[float, BestLr]]:
+    """``(setting, s, point)`` items -> per setting: s and the best learning rate (the points of one rate pooled by
+    their mean, over seeds)."""
+    groups, scales = defaultdict(lambda: defaultdict(list)), {}
+    for key, scale, point in items:
+        scales[key] = scale
+        groups[key][point.lr].append(point)
     out = {}
     for key, by_lr in groups.items():
         points = [Point(lr, statistics.fmean(p.loss for p in ps), statistics.fmean(p.feature for p in ps), "")
@@ -359,6 +354,33 @@ def lora_scale_best(records: Iterable) -> dict[tuple[str, int, float, bool], tup
         if best is not None:
             out[key] = (scales[key], best)
     return out
+
+
+def lora_scale_best(records: Iterable) -> dict[tuple[str, int, float, bool], tuple[float, BestLr]]:
+    """Per (series, rank, alpha, rslora) of the width experiment's ``lora_scale`` study: the LoRA scaling s and the
+    best learning rate (seeds pooled by mean loss at each rate)."""
+    return _best_per_setting(
+        ((t["series"], int(t["rank"]), float(t["alpha"]), bool(t.get("rslora"))), _scaling(t), _point(rec))
+        for rec in records if (t := rec.tags).get("study") == "lora_scale" and counts_as_result(rec))
+
+
+def glue_lora_scale_best(records: Iterable) -> dict[tuple[str, int, float, bool], tuple[float, BestLr]]:
+    """The same for the GLUE runs of the ``lora_scale`` sweep (MiniLM on SST-2, ``Mistral-7B/conf/sweep/
+    minilm_lora_scale*.yaml``): rank, alpha and rsLoRA from the run's ``lora`` config; the value minimised is the
+    dev error rate, 1 - accuracy (a diverged or failed run is no value)."""
+    items = []
+    for rec in records:
+        if rec.tags.get("sweep") != "lora_scale" or not counts_as_result(rec):
+            continue
+        lora = rec.config["lora"]
+        tags = {"rank": lora["r"], "alpha": lora["alpha"], "rslora": lora.get("rslora", False)}
+        series = rec.optimizer if rec.optimizer != "scaled_adamw" else (
+            f"scaled_adamw_{rec.hparams.get('variant', 'gradient')}")
+        accuracy = rec.final_metrics.get("accuracy")
+        error = 1.0 - float(accuracy) if run_outcome(rec) == "done" and accuracy is not None else float("nan")
+        key = (series, int(lora["r"]), float(lora["alpha"]), bool(tags["rslora"]))
+        items.append((key, _scaling(tags), Point(float(rec.hparams["lr"]), error, float("nan"), run_outcome(rec))))
+    return _best_per_setting(items)
 
 
 def lora_scale_slopes(best: dict) -> dict[str, float]:
@@ -405,20 +427,34 @@ def lora_scale_figure(records: Iterable, path: str | Path) -> Path:
     return savefig(fig, path)
 
 
-def lora_scale_table(records: Iterable) -> str:
-    """Markdown: per series, the best learning rate of every (rank, alpha) and the product lr* x s."""
-    best = lora_scale_best(records)
-    if not best:
-        raise ValueError("no 'lora_scale' records of the width experiment; run: python main_figures/width.py")
-    slopes = lora_scale_slopes(best)
-    lines = ["| optimizer | r | alpha | s | best lr | best lr x s | final loss / initial |",
+def _lora_scale_lines(best: dict, value_header: str, value) -> list[str]:
+    lines = [f"| optimizer | r | alpha | s | best lr | best lr x s | {value_header} |",
              "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for key in sorted(best, key=lambda k: (_index(k[0]), k[1], k[3], k[2])):
         scale, b = best[key]
         series, rank, alpha, rslora = key
         edge = " (edge)" if b.at_edge else ""
         lines.append(f"| {series_label(series)} | {rank} | {alpha:g}{' (rsLoRA)' if rslora else ''} | {scale:.3g} | "
-                     f"{b.lr:.3g}{edge} | {b.lr * scale:.3g} | {_fmt(b.loss)} |")  # fmt: skip
-    lines += ["", "Fitted exponent beta of best lr ∝ s^beta (over all ranks and alphas): "
-              + ", ".join(f"{series_label(s)} {v:+.2f}" for s, v in slopes.items())]  # fmt: skip
-    return "\n".join(lines) + "\n"
+                     f"{b.lr:.3g}{edge} | {b.lr * scale:.3g} | {value(b)} |")  # fmt: skip
+    slopes = lora_scale_slopes(best)
+    return lines + ["", "Fitted exponent beta of best lr ∝ s^beta (over all ranks and alphas): "
+                    + ", ".join(f"{series_label(s)} {v:+.2f}" for s, v in slopes.items())]  # fmt: skip
+
+
+def lora_scale_table(records: Iterable) -> str:
+    """Markdown: per series, the best learning rate of every (rank, alpha) and the product lr* x s."""
+    best = lora_scale_best(records)
+    if not best:
+        raise ValueError("no 'lora_scale' records of the width experiment; run: python main_figures/width.py")
+    return "\n".join(_lora_scale_lines(best, "final loss / initial", lambda b: _fmt(b.loss))) + "\n"
+
+
+def glue_lora_scale_table(records: Iterable) -> str:
+    """Markdown: the same for MiniLM on SST-2 (dev accuracy at the best grid rate)."""
+    best = glue_lora_scale_best(records)
+    if not best:
+        raise ValueError("no 'lora_scale' sweep among the GLUE records; run: bash Mistral-7B/scripts/sweep.sh "
+                         "minilm_lora_scale, then minilm_lora_scale_rslora")
+    lines = _lora_scale_lines(best, "dev accuracy", lambda b: f"{1 - b.loss:.4f}")
+    return "\n".join(["MiniLM-L6 on SST-2 (`preset=minilm_sst2`), best learning rate by dev accuracy.", ""]
+                     + lines) + "\n"

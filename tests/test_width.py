@@ -173,3 +173,30 @@ def test_reduced_grid_slopes_agree_with_the_full_run(tmp_path):
     reduced = width_slopes(load_records(tmp_path, "width"))
     for series, slope in full.items():
         assert abs(reduced[series].mean - slope.mean) <= SLOPE_TOLERANCE, (series, reduced[series].mean, slope.mean)
+
+
+def test_the_sst2_lora_scale_table_reads_rank_alpha_and_rslora_from_the_runs(tmp_path):
+    """Best learning rate per (optimizer, r, alpha, rsLoRA) of the GLUE ``lora_scale`` sweep, by dev accuracy; a
+    diverged run is never the best, whatever accuracy it reports."""
+    from harness import RunRecorder
+
+    lrs = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
+    peaks = {("adamw", 4, 8, False): 3e-3, ("adamw", 16, 32, False): 1e-3, ("scaled_adamw", 4, 8, True): 3e-4}
+    for (optimizer, r, alpha, rslora), peak in peaks.items():
+        for lr in lrs:
+            distance = abs(math.log10(lr / peak))
+            rec = RunRecorder(tmp_path, "glue", optimizer, {"lr": lr}, 42, tags={"sweep": "lora_scale"},
+                              config={"lora": {"r": r, "alpha": alpha, "rslora": rslora}})
+            diverged = optimizer == "adamw" and r == 4 and lr == 3e-2
+            rec.finish({"accuracy": 0.99 if diverged else 0.9 - 0.1 * distance,
+                        **({"diverged_at_step": 7} if diverged else {})})
+    records = load_records(tmp_path, "glue")
+    best = width_figures.glue_lora_scale_best(records)
+    assert {k: b.grid_lr for k, (s, b) in best.items()} == {
+        ("adamw", 4, 8.0, False): 3e-3, ("adamw", 16, 32.0, False): 1e-3, ("scaled_adamw_gradient", 4, 8.0, True): 3e-4}
+    assert {k: s for k, (s, b) in best.items()} == {
+        ("adamw", 4, 8.0, False): 2.0, ("adamw", 16, 32.0, False): 2.0, ("scaled_adamw_gradient", 4, 8.0, True): 4.0}
+    table = width_figures.glue_lora_scale_table(records)
+    assert "| AdamW | 4 | 8 | 2 |" in table and "| 8 (rsLoRA) | 4 |" in table and "0.9000" in table
+    with pytest.raises(ValueError, match="no 'lora_scale' sweep among the GLUE records"):
+        width_figures.glue_lora_scale_table([r for r in records if r.tags.get("sweep") != "lora_scale"])
