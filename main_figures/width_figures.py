@@ -435,7 +435,7 @@ def _lora_scale_lines(best: dict, value_header: str, value) -> list[str]:
         series, rank, alpha, rslora = key
         edge = " (edge)" if b.at_edge else ""
         lines.append(f"| {series_label(series)} | {rank} | {alpha:g}{' (rsLoRA)' if rslora else ''} | {scale:.3g} | "
-                     f"{b.lr:.3g}{edge} | {b.lr * scale:.3g} | {value(b)} |")  # fmt: skip
+                     f"{b.lr:.3g}{edge} | {b.lr * scale:.3g} | {value(key, b)} |")  # fmt: skip
     slopes = lora_scale_slopes(best)
     return lines + ["", "Fitted exponent beta of best lr ∝ s^beta (over all ranks and alphas): "
                     + ", ".join(f"{series_label(s)} {v:+.2f}" for s, v in slopes.items())]  # fmt: skip
@@ -446,7 +446,7 @@ def lora_scale_table(records: Iterable) -> str:
     best = lora_scale_best(records)
     if not best:
         raise ValueError("no 'lora_scale' records of the width experiment; run: python main_figures/width.py")
-    return "\n".join(_lora_scale_lines(best, "final loss / initial", lambda b: _fmt(b.loss))) + "\n"
+    return "\n".join(_lora_scale_lines(best, "final loss / initial", lambda key, b: _fmt(b.loss))) + "\n"
 
 
 def glue_lora_scale_table(records: Iterable) -> str:
@@ -455,6 +455,14 @@ def glue_lora_scale_table(records: Iterable) -> str:
     if not best:
         raise ValueError("no 'lora_scale' sweep among the GLUE records; run: bash Mistral-7B/scripts/sweep.sh "
                          "minilm_lora_scale, then minilm_lora_scale_rslora")
-    lines = _lora_scale_lines(best, "dev accuracy", lambda b: f"{1 - b.loss:.4f}")
-    return "\n".join(["MiniLM-L6 on SST-2 (`preset=minilm_sst2`), best learning rate by dev accuracy.", ""]
-                     + lines) + "\n"
+    tried = defaultdict(set)  # the learning rates each setting has finished runs of: a partial grid shows here
+    for rec in records:
+        if rec.tags.get("sweep") == "lora_scale" and counts_as_result(rec):
+            lora, opt = rec.config["lora"], rec.optimizer
+            series = opt if opt != "scaled_adamw" else f"scaled_adamw_{rec.hparams.get('variant', 'gradient')}"
+            tried[(series, int(lora["r"]), float(lora["alpha"]), bool(lora.get("rslora", False)))].add(
+                float(rec.hparams["lr"]))
+    lines = _lora_scale_lines(best, "dev accuracy (learning rates run)", lambda key, b: (
+        f"{1 - b.loss:.4f} ({len(tried[key])}: {min(tried[key]):g} ... {max(tried[key]):g})"))
+    return "\n".join(["MiniLM-L6 on SST-2 (`preset=minilm_sst2`), best learning rate by dev accuracy; the sweeps run "
+                      "6 learning rates per setting, fewer is a partial grid.", ""] + lines) + "\n"

@@ -197,6 +197,6 @@ def test_the_sst2_lora_scale_table_reads_rank_alpha_and_rslora_from_the_runs(tmp
     assert {k: s for k, (s, b) in best.items()} == {
         ("adamw", 4, 8.0, False): 2.0, ("adamw", 16, 32.0, False): 2.0, ("scaled_adamw_gradient", 4, 8.0, True): 4.0}
     table = width_figures.glue_lora_scale_table(records)
-    assert "| AdamW | 4 | 8 | 2 |" in table and "| 8 (rsLoRA) | 4 |" in table and "0.9000" in table
+    assert "| AdamW | 4 | 8 | 2 |" in table and "| 8 (rsLoRA) | 4 |" in table and "0.9000 (6: 0.0001 ... 0.03)" in table
     with pytest.raises(ValueError, match="no 'lora_scale' sweep among the GLUE records"):
         width_figures.glue_lora_scale_table([r for r in records if r.tags.get("sweep") != "lora_scale"])
