@@ -60,6 +60,7 @@ def main(cfg: DictConfig) -> float:
         OmegaConf.to_container(cfg.optim, resolve=True), cfg.unet_lr, cfg.text_lr, cfg.unet_reg, cfg.text_reg,
         embedding_lr=cfg.edlora.embedding_lr if cfg.edlora.train_embeddings else None, text_encoder=sd.text_encoder)
     optimizer = build_optimizer(model, name, group_overrides=overrides, **hparams)
+    counts = D.trainable_counts(model, optimizer)  # recorded: LoRA + token embedding, LoRA pairs
     if cfg.edlora.train_embeddings:
         D.keep_original_embedding_rows(optimizer, sd.text_encoder.get_input_embeddings(), new_ids,
                                        freeze_at_norm=cfg.edlora.emb_norm_threshold)
@@ -93,7 +94,7 @@ def main(cfg: DictConfig) -> float:
                             stop_on_divergence=cfg.train.stop_on_divergence)
 
         # -- inference: fuse LoRA at fusion_scale, one image per seed, black-image share (+ CLIP scores)
-        final = {"final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])), "steps_done": len(losses)}
+        final = {"final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])), "steps_done": len(losses), **counts}
         if accelerator.is_main_process:
             model = accelerator.unwrap_model(model)
             rows = model.text_encoder.get_input_embeddings().weight[new_ids].detach()
