@@ -371,21 +371,27 @@ def diffusion_cfg(folder: str, overrides: list[str]):
 
 
 def _diffusion_part(part: str, args: argparse.Namespace) -> list[str]:
-    """One training step and one sampling step of ``folder/train.py`` on SD-1.5's architecture, then the checks."""
+    """One training step and one sampling step of ``folder/train.py`` on the architecture of ``args.sd_configs``
+    (SD-1.5's by default), then the checks."""
     folder, experiment = DIFFUSION_PARTS[part]
-    resolution = args.sd_resolution
-    overrides = [*DIFFUSION_OVERRIDES, f"data.resolution={resolution}"]
+    resolution, configs = args.sd_resolution, Path(args.sd_configs).resolve()
+    overrides = [*DIFFUSION_OVERRIDES, f"model.pretrained={configs}", f"data.resolution={resolution}",
+                 *args.sd_override]
     cfg = diffusion_cfg(folder, overrides)
     batch = int(cfg.train.batch_size)
-    need, available = sd_step_memory_gb(part, batch, resolution), _available_gb()
-    if available is not None and need > available:
-        raise CheckFailed(f"{part}: a step at batch {batch} x {resolution} x {resolution} needs about {need:.1f} GB "
-                          f"on CPU, {available:.1f} GB are available; use a smaller --sd-resolution")
-    expected = expected_diffusion_trainable(cfg)
+    if configs == SD15_CONFIGS.resolve():  # the memory model was measured on SD-1.5
+        need, available = sd_step_memory_gb(part, batch, resolution), _available_gb()
+        if available is not None and need > available:
+            raise CheckFailed(f"{part}: a step at batch {batch} x {resolution} x {resolution} needs about "
+                              f"{need:.1f} GB on CPU, {available:.1f} GB are available; use a smaller --sd-resolution")
+        model = "SD-1.5 architecture"
+    else:
+        model = f"architecture of {configs} (no measured memory model: not checked before running)"
+    expected = expected_diffusion_trainable(cfg, configs)
     results = args.workdir / f"results_{part}"
     if results.exists():
         raise CheckFailed(f"{part}: {results} exists already; give a new --workdir")
-    argv = [f"{folder}/train.py", *overrides, *args.sd_override, f"results_dir={results}",
+    argv = [f"{folder}/train.py", *overrides, f"results_dir={results}",
             f"hydra.run.dir={args.workdir / 'hydra' / part}"]
     wall, peak = _run_measured(argv, args.workdir / f"{part}.log", args.threads)
     (path,) = (results / experiment).glob("*.json")  # the run's record (its default name)
@@ -397,7 +403,7 @@ def _diffusion_part(part: str, args: argparse.Namespace) -> list[str]:
     if rec["status"] != "done" or final["steps_done"] != 1 or final["num_images"] != 1:
         raise CheckFailed(f"{part}: expected a finished run of 1 step and 1 image; got {rec['status']}, {final}")
     step = rec["steps"][0]
-    return [f"SD-1.5 architecture (random weights), {resolution} x {resolution}, batch {batch}, "
+    return [f"{model} (random weights), {resolution} x {resolution}, batch {batch}, "
             f"{cfg.optim.name}: {final['trainable_params']:,} trainable (= {expected['trainable_params']:,} from the "
             f"configuration: LoRA r {cfg.lora.rank} on {expected['lora_pairs']} layers {expected['lora_params']:,} + "
             f"token embedding with {expected['new_tokens']} new rows {expected['embedding_params']:,}); the "
@@ -432,6 +438,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                         help="extra Hydra overrides for GPT-2/train.py (e.g. 'model.config={n_layer: 1}')")
     parser.add_argument("--sd-resolution", type=int, default=512,
                         help="image size of the diffusion parts' steps (paper: 512)")
+    parser.add_argument("--sd-configs", type=Path, default=SD15_CONFIGS,
+                        help="folder of the diffusion model's config files (default: Stable Diffusion 1.5's)")
     parser.add_argument("--sd-override", nargs="*", default=[],
                         help="extra Hydra overrides for the diffusion train.py (e.g. 'optim=adamw')")
     parser.add_argument("--threads", type=int, default=None,
