@@ -340,8 +340,9 @@ def text_lora_shapes(config: dict, targets: list[str]) -> list[tuple[int, int]]:
 
 def expected_diffusion_trainable(cfg, configs: Path = SD15_CONFIGS) -> dict:
     """What a diffusion run on ``configs``' architecture should train, from the configuration files and the
-    experiment config ``cfg`` alone (never from the built model): ``lora_pairs`` (the targeted layers),
-    ``trainable_params`` = rank x (in + out) of each plus, when new tokens train, the whole input embedding
+    experiment config ``cfg`` alone (never from the built model): ``lora_layers`` (the targeted layers),
+    ``lora_pairs`` (the pairs the optimizer preconditions: all of them for a scaled optimizer, none for sgd/adamw),
+    ``trainable_params`` = rank x (in + out) of each layer plus, when new tokens train, the whole input embedding
     ((vocab_size + new tokens) x hidden; Mix-of-Show: one new token per concept token and cross-attention layer),
     and the ``new_tokens``."""
     unet = json.loads((configs / "unet" / "config.json").read_text())
@@ -356,8 +357,9 @@ def expected_diffusion_trainable(cfg, configs: Path = SD15_CONFIGS) -> dict:
         train_embedding = new_tokens > 0
     embedding = (text["vocab_size"] + new_tokens) * text["hidden_size"] if train_embedding else 0
     lora = sum(int(cfg.lora.rank) * (n_in + n_out) for n_in, n_out in shapes)
-    return {"lora_pairs": len(shapes), "trainable_params": lora + embedding, "lora_params": lora,
-            "embedding_params": embedding, "new_tokens": new_tokens}
+    return {"lora_layers": len(shapes), "lora_pairs": len(shapes) if cfg.optim.name.startswith("scaled_") else 0,
+            "trainable_params": lora + embedding, "lora_params": lora, "embedding_params": embedding,
+            "new_tokens": new_tokens}
 
 
 def diffusion_cfg(folder: str, overrides: list[str]):
@@ -405,9 +407,10 @@ def _diffusion_part(part: str, args: argparse.Namespace) -> list[str]:
     step = rec["steps"][0]
     return [f"{model} (random weights), {resolution} x {resolution}, batch {batch}, "
             f"{cfg.optim.name}: {final['trainable_params']:,} trainable (= {expected['trainable_params']:,} from the "
-            f"configuration: LoRA r {cfg.lora.rank} on {expected['lora_pairs']} layers {expected['lora_params']:,} + "
-            f"token embedding with {expected['new_tokens']} new rows {expected['embedding_params']:,}); the "
-            f"optimizer pairs all {final['lora_pairs']} (A, B)",
+            f"configuration: LoRA r {cfg.lora.rank} on {expected['lora_layers']} layers {expected['lora_params']:,} + "
+            f"token embedding with {expected['new_tokens']} new rows {expected['embedding_params']:,}); "
+            + (f"the optimizer pairs all {final['lora_pairs']} (A, B)" if expected["lora_pairs"] else
+               f"{cfg.optim.name} preconditions no pair (0 pairs, as expected)"),
             f"training step {step['time_s']:.1f} s (optimizer {step['opt_time_s'] * 1e3:.0f} ms); one "
             f"{cfg.sample.sampler} denoising step + VAE decode {final['sample_time_s']:.1f} s; loss "
             f"{final['final_loss']:.4f}; peak memory {peak:.1f} GB; process {wall:.0f} s"]

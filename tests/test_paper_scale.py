@@ -239,14 +239,17 @@ def test_sd15_paper_lora_placement_and_count_from_the_configuration(data_root, f
     # by hand: 16 transformers (down 320 x2, 640 x2, 1280 x2; mid 1280; up 1280 x3, 640 x3, 320 x3), each with
     # self-attention q, k, v, out d -> d and cross-attention q, out d -> d, k, v 768 -> d; r = 4
     widths = [320, 320, 640, 640, 1280, 1280, 1280, 1280, 1280, 1280, 640, 640, 640, 320, 320, 320]
-    assert check.unet_transformer_widths(json.loads((check.SD15_CONFIGS / "unet" / "config.json").read_text())) == widths
+    unet_config, text_config = (json.loads((check.SD15_CONFIGS / part / "config.json").read_text())
+                                for part in ("unet", "text_encoder"))
+    assert check.unet_transformer_widths(unet_config) == widths
     unet = sum(4 * (6 * 2 * d + 2 * (768 + d)) for d in widths)
     text = 12 * 4 * 4 * (768 + 768)
     assert (unet, text) == (797_184, 294_912)
     assert sum(p.numel() for p in sd.unet.parameters() if p.requires_grad) == unet
     assert sum(p.numel() for p in sd.text_encoder.parameters() if p.requires_grad) == text
     expected = check.expected_diffusion_trainable(cfg)
-    assert expected["lora_params"] == unet + text and expected["lora_pairs"] == 16 * 8 + 12 * 4
+    assert expected["lora_params"] == unet + text
+    assert expected["lora_pairs"] == expected["lora_layers"] == 16 * 8 + 12 * 4
     layers = 16 if folder == "Mix-of-Show" else None
     if layers:
         assert edlora.enable_layerwise_conditioning(sd.unet) == layers
@@ -254,10 +257,8 @@ def test_sd15_paper_lora_placement_and_count_from_the_configuration(data_root, f
     assert expected["embedding_params"] == (49408 + expected["new_tokens"]) * 768
     # the shapes the formula lists are the wrapped layers' shapes
     built = sorted((m.in_features, m.out_features) for m in D.lora_layers(sd.unet) + D.lora_layers(sd.text_encoder))
-    assert built == sorted(check.unet_lora_shapes(json.loads((check.SD15_CONFIGS / "unet" / "config.json").read_text()),
-                                                  list(cfg.lora.unet_targets))
-                           + check.text_lora_shapes(json.loads((check.SD15_CONFIGS / "text_encoder" / "config.json")
-                                                               .read_text()), list(cfg.lora.text_targets)))
+    assert built == sorted(check.unet_lora_shapes(unet_config, list(cfg.lora.unet_targets))
+                           + check.text_lora_shapes(text_config, list(cfg.lora.text_targets)))
     model = D.LoraDiffusionModel(sd.unet, sd.text_encoder, sd.vae, sd.noise_scheduler)
     name, hparams, overrides = D.optimizer_settings(
         {k: v for k, v in dict(cfg.optim).items()}, cfg.unet_lr, cfg.text_lr, cfg.unet_reg, cfg.text_reg)
@@ -266,6 +267,10 @@ def test_sd15_paper_lora_placement_and_count_from_the_configuration(data_root, f
     assert counts == {"trainable_params": unet + text, "lora_pairs": 176}  # (no new token rows added here)
     paired = {id(t) for g in optimizer.param_groups for a, b, _ in g["pairs"] for t in (g["params"][a], g["params"][b])}
     assert paired == {id(p) for n, p in model.named_parameters() if p.requires_grad and "lora_" in n}
+    # plain AdamW preconditions nothing, and the expectation says so
+    adamw = check.expected_diffusion_trainable(check.diffusion_cfg(folder, ["optim=adamw"]))
+    assert adamw["lora_pairs"] == 0 and adamw["lora_layers"] == 176
+    assert D.trainable_counts(model, core.build_optimizer(model, "adamw", lr=1e-4))["lora_pairs"] == 0
 
 
 def test_sd15_proj_targets_and_unknown_targets():

@@ -335,8 +335,8 @@ def optimizer_settings(optim: dict, unet_lr: float, text_lr: float, unet_reg: fl
 def trainable_counts(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """What a run trains: ``trainable_params`` (elements of every tensor with ``requires_grad``: the LoRA factors
     and, when new token rows train, the whole input embedding, whose other rows are restored after each step) and
-    ``lora_pairs``, the (A, B) pairs ``optimizer`` holds (its groups' ``pairs``: preconditioned by the scaled
-    optimizers, the identity for ``sgd``/``adamw``), which is every LoRA layer's pair."""
+    ``lora_pairs``, the (A, B) pairs ``optimizer`` preconditions (its groups' ``pairs``: one per LoRA layer for the
+    scaled optimizers; 0 for ``sgd``/``adamw``, which update every factor as a plain parameter)."""
     return {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "lora_pairs": sum(len(group.get("pairs", ())) for group in optimizer.param_groups)}
 
