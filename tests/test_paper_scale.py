@@ -364,6 +364,10 @@ def test_random_init_preflight_names_what_is_missing(tmp_path, data_root):
                                                     f"results_dir={tmp_path / 'results'}"])
     with pytest.raises(FileNotFoundError, match="model.pretrained's vae configuration not found"):
         D.runs.preflight(cfg, "object_generation")
+    with pytest.raises(FileNotFoundError, match=r"lacks the configuration files \['vae/config.json'\]"):
+        D.load_components(str(configs), gpt2_dir=data_root / "gpt2-tokenizer", random_init=True)
+    with pytest.raises(ValueError, match="random_init needs pretrained"):
+        D.load_components(None, {"resolution": 32}, data_root / "gpt2-tokenizer", random_init=True)
     cfg = check.diffusion_cfg("Object_Generation", ["model.random_init=true", "model.pretrained=null",
                                                     f"results_dir={tmp_path / 'results'}"])
     with pytest.raises(ValueError, match="model.random_init=true needs model.pretrained"):
