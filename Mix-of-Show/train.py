@@ -66,6 +66,7 @@ def main(cfg: DictConfig) -> float:
         embedding_lr=cfg.edlora.embedding_lr if cfg.edlora.train_embeddings else 0.0)
     checkpointer = Checkpointer.from_config(cfg, checkpoint_folder(recorder), accelerator)  # resume rules checked
     optimizer = build_optimizer(model, name, group_overrides=overrides, **hparams)
+    counts = D.trainable_counts(model, optimizer)  # recorded: LoRA + token embedding, LoRA pairs
     if cfg.edlora.train_embeddings:  # which rows learn (all frozen at the norm threshold) is part of a checkpoint
         checkpointer.register(embedding_rows=D.keep_original_embedding_rows(
             optimizer, sd.text_encoder.get_input_embeddings(), new_ids, freeze_at_norm=cfg.edlora.emb_norm_threshold))
@@ -96,7 +97,7 @@ def main(cfg: DictConfig) -> float:
                             stop_on_divergence=cfg.train.stop_on_divergence, checkpointer=checkpointer)
 
         # -- inference: fuse LoRA at fusion_scale, one image per seed, black-image share (+ CLIP scores)
-        final = {"final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])), "steps_done": len(losses)}
+        final = {"final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])), "steps_done": len(losses), **counts}
         if accelerator.is_main_process:
             model = accelerator.unwrap_model(model)
             rows = model.text_encoder.get_input_embeddings().weight[new_ids].detach()

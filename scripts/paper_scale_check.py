@@ -4,6 +4,7 @@ long it took, then a summary.
 
     bash scripts/paper_scale_check.sh                          # every part (longer than 10 minutes on 2 CPU cores)
     bash scripts/paper_scale_check.sh --parts gpt2 --optimizers sgd   # one part, one optimizer
+    bash scripts/paper_scale_check.sh --parts sd_custom_diffusion mix_of_show   # Stable Diffusion 1.5 size
     bash scripts/paper_scale_check.sh --list
 
 Parts:
@@ -25,6 +26,17 @@ Parts:
   configuration, built on the meta device (``train.empty_model``); the trainable-parameter count against the one
   computed from the shapes, ``core.build_optimizer(model, "scaled_adamw")`` pairing every factor, the 4-bit
   quantization config, and ``quantize=true`` stopping before loading where bitsandbytes cannot run.
+* ``sd_custom_diffusion`` and ``mix_of_show``: ``Object_Generation/train.py`` (custom diffusion: LoRA r 4 on the
+  UNet attention and the CLIP text encoder, new tokens ``<s1><s2>``, batch 1) and ``Mix-of-Show/train.py`` (EDLoRA:
+  the same LoRA placement, 2 x 16 layer-wise tokens, batch 2), each with its full-scale defaults on Stable Diffusion
+  1.5's architecture with random weights (``preset=sd15_random``: UNet, VAE and text encoder built from the
+  configuration files in ``harness/diffusion/configs/stable-diffusion-v1-5``, nothing downloaded), overriding
+  only the model and the step counts: one training step (``train.steps=1``) and one denoising step of the
+  experiment's sampler plus the VAE decode of one image (``sample.seeds=[0] sample.steps=1``) at 512 x 512
+  (``--sd-resolution``). The recorded trainable-parameter count and the LoRA pairs of the optimizer are checked
+  against the ones computed from the configuration files alone (rank x (in + out) of every targeted layer, plus
+  the token embedding); time and peak memory are measured, and a resolution whose measured memory model
+  (``SD_MEMORY_GB``) exceeds the available memory is refused before anything runs.
 """
 
 from __future__ import annotations
@@ -77,6 +89,16 @@ def _run(cmd: list[str], log: Path, threads: int | None = None) -> float:
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-40:])
         raise CheckFailed(f"{' '.join(cmd[:3])} ... exited with {proc.returncode} (log {log}):\n{tail}")
     return time.perf_counter() - start
+
+
+def _run_measured(argv: list[str], log: Path, threads: int | None = None) -> tuple[float, float]:
+    """Run the script ``argv[0]`` (a path relative to the repository) with its arguments in a fresh process that
+    reports its own peak resident memory at the end; return ``(wall time in s, peak memory in GB)``."""
+    code = ("import resource, runpy, sys; sys.argv = " + repr(argv) + "; sys.path.insert(0, "
+            + repr(str((REPO / argv[0]).parent)) + "); runpy.run_path(sys.argv[0], run_name='__main__'); "
+            "print('peak_rss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    wall = _run([sys.executable, "-c", code], log, threads)
+    return wall, int(log.read_text().rsplit("peak_rss_kb", 1)[1].split()[0]) / 1e6
 
 
 def build_e2e_hub_folder(data_root: Path, folder: Path, holdout_mrs: int = 2, validation_pairs: int = 16) -> Path:
@@ -169,12 +191,7 @@ def part_gpt2_seq512(args: argparse.Namespace) -> list[str]:
     results = args.workdir / "results_seq512"
     argv = ["GPT-2/runtime.py", "--batch", str(batch), "--seq", "512", "--steps", "1", "--warmup", "1",
             "--ranks", "4", "--optimizers", "scaled_adamw", "--results-dir", str(results)]
-    # runtime.py in a fresh process that reports its own peak resident memory at the end
-    code = ("import resource, runpy, sys; sys.argv = " + repr(argv) + "; runpy.run_path(sys.argv[0], "
-            "run_name='__main__'); print('peak_rss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
-    log = args.workdir / "gpt2_seq512.log"
-    wall = _run([sys.executable, "-c", code], log, args.threads)
-    peak = int(log.read_text().rsplit("peak_rss_kb", 1)[1].split()[0]) / 1e6
+    wall, peak = _run_measured(argv, args.workdir / "gpt2_seq512.log", args.threads)
     (path,) = (results / "gpt2_runtime").glob("*.json")
     rec = json.loads(path.read_text())
     return [f"scaled_adamw r=4, {batch} x 512 tokens: step {rec['step_time_s']:.1f} s after one warm-up step "
@@ -252,8 +269,165 @@ def part_mistral(args: argparse.Namespace) -> list[str]:
     return lines
 
 
-# The diffusion checks (Object_Generation/, Mix-of-Show/ at Stable Diffusion size) are added here as parts.
-PARTS = {"hub_data": part_hub_data, "gpt2": part_gpt2, "gpt2_seq512": part_gpt2_seq512, "mistral": part_mistral}
+# --- Stable Diffusion 1.5: Object_Generation/ (custom diffusion) and Mix-of-Show/ (EDLoRA) ------------------------
+
+SD15_CONFIGS = REPO / "harness" / "diffusion" / "configs" / "stable-diffusion-v1-5"
+
+# The two diffusion parts: experiment folder and record folder; the overrides of their one-step runs (the model
+# source, the step counts; everything else is the experiment's full-scale default).
+DIFFUSION_PARTS = {"sd_custom_diffusion": ("Object_Generation", "object_generation"),
+                   "mix_of_show": ("Mix-of-Show", "mix_of_show")}
+DIFFUSION_OVERRIDES = ["preset=sd15_random", "train.steps=1", "sample.seeds=[0]", "sample.steps=1"]
+
+# Peak resident memory of one training step plus one sampling step on SD-1.5's architecture (float32, CPU, the
+# paper's batch: 1 for custom diffusion, 2 for Mix-of-Show), measured with this check at 256 and 512 px:
+# (GB for the models, optimizer and text encodings, GB per training image at 512 x 512, growing with the pixels).
+# Custom diffusion: 6.1 GB at 256, 8.3 GB at 512; Mix-of-Show (16 layer-wise text encodings per prompt): 8.6, 11.7.
+SD_MEMORY_GB = {"sd_custom_diffusion": (5.4, 2.9), "mix_of_show": (7.6, 2.1)}
+
+
+def sd_step_memory_gb(part: str, batch: int, resolution: int) -> float:
+    """The measured memory model above: peak GB of ``part``'s training and sampling step at batch x resolution²."""
+    base, per_image = SD_MEMORY_GB[part]
+    return base + per_image * batch * (resolution / 512) ** 2
+
+
+def unet_transformer_widths(config: dict) -> list[int]:
+    """The channel width of each transformer (one self- and one cross-attention) of a ``UNet2DConditionModel``
+    configuration, in the order down, mid, up blocks: ``layers_per_block`` per cross-attention down block, one in
+    the mid block, ``layers_per_block + 1`` per cross-attention up block (the up blocks run the channels in
+    reverse). Only the SD-1.x layout is covered; anything else is a ``CheckFailed``."""
+    channels, per_block = list(config["block_out_channels"]), config["layers_per_block"]
+    unsupported = {k: config[k] for k in ("transformer_layers_per_block", "mid_block_type", "only_cross_attention",
+                                          "attention_type", "encoder_hid_dim") if config.get(k) not in (
+        None, 1, False, "default", "UNetMidBlock2DCrossAttn")}
+    if unsupported or not isinstance(per_block, int):
+        raise CheckFailed(f"the UNet shape formula covers the SD-1.x layout only, not {unsupported or per_block}")
+    widths = []
+    for width, kind in zip(channels, config["down_block_types"]):
+        widths += [width] * per_block if kind.startswith("CrossAttn") else []
+    widths.append(channels[-1])
+    for width, kind in zip(reversed(channels), config["up_block_types"]):
+        widths += [width] * (per_block + 1) if kind.startswith("CrossAttn") else []
+    return widths
+
+
+def unet_lora_shapes(config: dict, targets: list[str]) -> list[tuple[int, int]]:
+    """(in, out) of every UNet layer that LoRA on ``targets`` wraps, from the configuration alone: per
+    transformer of width d, self-attention to_q/to_k/to_v/to_out.0 d -> d; cross-attention to_q, to_out.0 d -> d
+    and to_k, to_v cross_attention_dim -> d; proj_in, proj_out d -> d (1x1 convs or linear)."""
+    cross = config["cross_attention_dim"]
+    formulas = {"to_q": lambda d: [(d, d), (d, d)], "to_k": lambda d: [(d, d), (cross, d)],
+                "to_v": lambda d: [(d, d), (cross, d)], "to_out.0": lambda d: [(d, d), (d, d)],
+                "proj_in": lambda d: [(d, d)], "proj_out": lambda d: [(d, d)]}
+    unknown = sorted(set(targets) - set(formulas))
+    if unknown:
+        raise CheckFailed(f"no shape formula for the UNet LoRA targets {unknown}; known: {sorted(formulas)}")
+    return [shape for d in unet_transformer_widths(config) for t in targets for shape in formulas[t](d)]
+
+
+def text_lora_shapes(config: dict, targets: list[str]) -> list[tuple[int, int]]:
+    """(in, out) of every CLIP text-encoder layer that LoRA on ``targets`` wraps: q/k/v/out_proj hidden -> hidden,
+    fc1 hidden -> intermediate, fc2 intermediate -> hidden, in each of the ``num_hidden_layers`` layers."""
+    h, inner = config["hidden_size"], config["intermediate_size"]
+    formulas = {"q_proj": (h, h), "k_proj": (h, h), "v_proj": (h, h), "out_proj": (h, h), "fc1": (h, inner),
+                "fc2": (inner, h)}
+    unknown = sorted(set(targets) - set(formulas))
+    if unknown:
+        raise CheckFailed(f"no shape formula for the text-encoder LoRA targets {unknown}; known: {sorted(formulas)}")
+    return [formulas[t] for _ in range(config["num_hidden_layers"]) for t in targets]
+
+
+def expected_diffusion_trainable(cfg, configs: Path = SD15_CONFIGS) -> dict:
+    """What a diffusion run on ``configs``' architecture should train, from the configuration files and the
+    experiment config ``cfg`` alone (never from the built model): ``lora_layers`` (the targeted layers),
+    ``lora_pairs`` (the pairs the optimizer preconditions: all of them for a scaled optimizer, none for sgd/adamw),
+    ``trainable_params`` = rank x (in + out) of each layer plus, when new tokens train, the whole input embedding
+    ((vocab_size + new tokens) x hidden; Mix-of-Show: one new token per concept token and cross-attention layer),
+    and the ``new_tokens``."""
+    unet = json.loads((configs / "unet" / "config.json").read_text())
+    text = json.loads((configs / "text_encoder" / "config.json").read_text())
+    shapes = (unet_lora_shapes(unet, list(cfg.lora.unet_targets))
+              + text_lora_shapes(text, list(cfg.lora.text_targets)))
+    if "edlora" in cfg:  # Mix-of-Show: layer-wise tokens, one per cross-attention layer
+        new_tokens = len(cfg.data.concept_tokens) * len(unet_transformer_widths(unet))
+        train_embedding = bool(cfg.edlora.train_embeddings)
+    else:
+        new_tokens = len(cfg.data.new_tokens)
+        train_embedding = new_tokens > 0
+    embedding = (text["vocab_size"] + new_tokens) * text["hidden_size"] if train_embedding else 0
+    lora = sum(int(cfg.lora.rank) * (n_in + n_out) for n_in, n_out in shapes)
+    return {"lora_layers": len(shapes), "lora_pairs": len(shapes) if cfg.optim.name.startswith("scaled_") else 0,
+            "trainable_params": lora + embedding, "lora_params": lora, "embedding_params": embedding,
+            "new_tokens": new_tokens}
+
+
+def diffusion_cfg(folder: str, overrides: list[str]):
+    """The experiment's own Hydra config with ``overrides``."""
+    from hydra import compose, initialize_config_dir
+
+    import harness  # noqa: F401  (the ${repo_root:} and ${data_root:} resolvers)
+
+    with initialize_config_dir(config_dir=str(REPO / folder / "conf"), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def _diffusion_part(part: str, args: argparse.Namespace) -> list[str]:
+    """One training step and one sampling step of ``folder/train.py`` on the architecture of ``args.sd_configs``
+    (SD-1.5's by default), then the checks."""
+    folder, experiment = DIFFUSION_PARTS[part]
+    resolution, configs = args.sd_resolution, Path(args.sd_configs).resolve()
+    overrides = [*DIFFUSION_OVERRIDES, f"model.pretrained={configs}", f"data.resolution={resolution}",
+                 *args.sd_override]
+    cfg = diffusion_cfg(folder, overrides)
+    batch = int(cfg.train.batch_size)
+    if configs == SD15_CONFIGS.resolve():  # the memory model was measured on SD-1.5
+        need, available = sd_step_memory_gb(part, batch, resolution), _available_gb()
+        if available is not None and need > available:
+            raise CheckFailed(f"{part}: a step at batch {batch} x {resolution} x {resolution} needs about "
+                              f"{need:.1f} GB on CPU, {available:.1f} GB are available; use a smaller --sd-resolution")
+        model = "SD-1.5 architecture"
+    else:
+        model = f"architecture of {configs} (no measured memory model: not checked before running)"
+    expected = expected_diffusion_trainable(cfg, configs)
+    results = args.workdir / f"results_{part}"
+    if results.exists():
+        raise CheckFailed(f"{part}: {results} exists already; give a new --workdir")
+    argv = [f"{folder}/train.py", *overrides, f"results_dir={results}",
+            f"hydra.run.dir={args.workdir / 'hydra' / part}"]
+    wall, peak = _run_measured(argv, args.workdir / f"{part}.log", args.threads)
+    (path,) = (results / experiment).glob("*.json")  # the run's record (its default name)
+    rec = json.loads(path.read_text())
+    final = rec["final_metrics"]
+    for key in ("trainable_params", "lora_pairs"):
+        if final[key] != expected[key]:
+            raise CheckFailed(f"{part}: {final[key]:,} {key}, expected {expected[key]:,} from the configuration")
+    if rec["status"] != "done" or final["steps_done"] != 1 or final["num_images"] != 1:
+        raise CheckFailed(f"{part}: expected a finished run of 1 step and 1 image; got {rec['status']}, {final}")
+    step = rec["steps"][0]
+    return [f"{model} (random weights), {resolution} x {resolution}, batch {batch}, "
+            f"{cfg.optim.name}: {final['trainable_params']:,} trainable (= {expected['trainable_params']:,} from the "
+            f"configuration: LoRA r {cfg.lora.rank} on {expected['lora_layers']} layers {expected['lora_params']:,} + "
+            f"token embedding with {expected['new_tokens']} new rows {expected['embedding_params']:,}); "
+            + (f"the optimizer pairs all {final['lora_pairs']} (A, B)" if expected["lora_pairs"] else
+               f"{cfg.optim.name} preconditions no pair (0 pairs, as expected)"),
+            f"training step {step['time_s']:.1f} s (optimizer {step['opt_time_s'] * 1e3:.0f} ms); one "
+            f"{cfg.sample.sampler} denoising step + VAE decode {final['sample_time_s']:.1f} s; loss "
+            f"{final['final_loss']:.4f}; peak memory {peak:.1f} GB; process {wall:.0f} s"]
+
+
+def part_sd_custom_diffusion(args: argparse.Namespace) -> list[str]:
+    """Object_Generation/train.py on Stable Diffusion 1.5's architecture: one training step, one sampling step."""
+    return _diffusion_part("sd_custom_diffusion", args)
+
+
+def part_mix_of_show(args: argparse.Namespace) -> list[str]:
+    """Mix-of-Show/train.py (EDLoRA) on SD-1.5's architecture: one training step, one sampling step."""
+    return _diffusion_part("mix_of_show", args)
+
+
+PARTS = {"hub_data": part_hub_data, "gpt2": part_gpt2, "gpt2_seq512": part_gpt2_seq512, "mistral": part_mistral,
+         "sd_custom_diffusion": part_sd_custom_diffusion, "mix_of_show": part_mix_of_show}
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -265,18 +439,27 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--seq512-batch", type=int, default=2, help="sequences of the gpt2_seq512 step (paper: 8)")
     parser.add_argument("--gpt2-override", nargs="*", default=[],
                         help="extra Hydra overrides for GPT-2/train.py (e.g. 'model.config={n_layer: 1}')")
+    parser.add_argument("--sd-resolution", type=int, default=512,
+                        help="image size of the diffusion parts' steps (paper: 512)")
+    parser.add_argument("--sd-configs", type=Path, default=SD15_CONFIGS,
+                        help="folder of the diffusion model's config files (default: Stable Diffusion 1.5's)")
+    parser.add_argument("--sd-override", nargs="*", default=[],
+                        help="extra Hydra overrides for the diffusion train.py (e.g. 'optim=adamw')")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads of the GPT-2 processes (OMP_NUM_THREADS; default: torch's choice)")
+                        help="torch CPU threads of the GPT-2 and diffusion processes (OMP_NUM_THREADS; default: "
+                             "torch's choice)")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a new temporary one)")
     parser.add_argument("--list", action="store_true", help="list the parts and exit")
     args = parser.parse_args(argv)
     if args.list:
         for name, fn in PARTS.items():
-            print(f"{name:12} {fn.__doc__.splitlines()[0]}")
+            print(f"{name:20} {fn.__doc__.splitlines()[0]}")
         return {}
     unknown = sorted(set(args.parts) - set(PARTS)) + sorted(set(args.optimizers) - set(OPTIMIZERS))
     if unknown:
         parser.error(f"unknown part(s) or optimizer(s) {unknown}; parts: {list(PARTS)}, optimizers: {OPTIMIZERS}")
+    if args.sd_resolution < 64 or args.sd_resolution % 64:
+        parser.error(f"--sd-resolution must be a positive multiple of 64 (VAE 8x, UNet 8x), got {args.sd_resolution}")
     args.data_root = harness.default_data_root()
     if not args.data_root.is_dir():
         parser.error(f"shared data folder {args.data_root} not found (set RPLORA_DATA)")

@@ -200,3 +200,175 @@ def test_check_script_lists_parts_and_rejects_unknown_ones(capsys):
     with pytest.raises(SystemExit):
         check.main(["--parts", "nope"])
     assert "unknown part(s) or optimizer(s) ['nope']" in capsys.readouterr().err
+
+
+# --- Stable Diffusion 1.5 (Object_Generation/, Mix-of-Show/) -------------------------------------------------
+
+from harness import diffusion as D  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "Mix-of-Show"))
+edlora = importlib.import_module("edlora")
+
+
+def _sd15_meta(data_root):
+    """SD-1.5's UNet, VAE and text encoder from the committed configs, on the meta device (no weights allocated)."""
+    with torch.device("meta"):
+        return D.load_components(str(check.SD15_CONFIGS), gpt2_dir=data_root / "gpt2-tokenizer", random_init=True)
+
+
+def test_sd15_configs_build_the_real_architectures(data_root):
+    sd = _sd15_meta(data_root)
+    # the published sizes of stable-diffusion-v1-5's unet, vae and text_encoder
+    assert [sum(p.numel() for p in m.parameters()) for m in (sd.unet, sd.vae, sd.text_encoder)] == [
+        859_520_964, 83_653_863, 123_060_480]
+    tok = sd.tokenizer  # CLIP's vocabulary size and special ids, built from GPT-2's words
+    assert (len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.model_max_length) == (
+        49408, 49406, 49407, 49407, 77)
+    assert len(tok.encode("dog", add_special_tokens=False)) == 1  # Mix-of-Show's class word initialises <V2>
+    assert sd.noise_scheduler.config.num_train_timesteps == 1000 and sd.vae.config.scaling_factor == 0.18215
+
+
+@pytest.mark.parametrize("folder", ["Object_Generation", "Mix-of-Show"])
+def test_sd15_paper_lora_placement_and_count_from_the_configuration(data_root, folder):
+    """The experiments' own LoRA placement on the full-size UNet and text encoder against the count computed from
+    the config files; every LoRA layer's (A, B) is a pair of the experiment's optimizer."""
+    cfg = check.diffusion_cfg(folder, [*check.DIFFUSION_OVERRIDES, f"model.pretrained={check.SD15_CONFIGS}"])
+    sd = _sd15_meta(data_root)
+    D.add_lora(sd.unet, cfg.lora.unet_targets, cfg.lora.rank, cfg.lora.alpha)  # as load_lora_components does
+    D.add_lora(sd.text_encoder, cfg.lora.text_targets, cfg.lora.rank, cfg.lora.alpha)
+    # by hand: 16 transformers (down 320 x2, 640 x2, 1280 x2; mid 1280; up 1280 x3, 640 x3, 320 x3), each with
+    # self-attention q, k, v, out d -> d and cross-attention q, out d -> d, k, v 768 -> d; r = 4
+    widths = [320, 320, 640, 640, 1280, 1280, 1280, 1280, 1280, 1280, 640, 640, 640, 320, 320, 320]
+    unet_config, text_config = (json.loads((check.SD15_CONFIGS / part / "config.json").read_text())
+                                for part in ("unet", "text_encoder"))
+    assert check.unet_transformer_widths(unet_config) == widths
+    unet = sum(4 * (6 * 2 * d + 2 * (768 + d)) for d in widths)
+    text = 12 * 4 * 4 * (768 + 768)
+    assert (unet, text) == (797_184, 294_912)
+    assert sum(p.numel() for p in sd.unet.parameters() if p.requires_grad) == unet
+    assert sum(p.numel() for p in sd.text_encoder.parameters() if p.requires_grad) == text
+    expected = check.expected_diffusion_trainable(cfg)
+    assert expected["lora_params"] == unet + text
+    assert expected["lora_pairs"] == expected["lora_layers"] == 16 * 8 + 12 * 4
+    layers = 16 if folder == "Mix-of-Show" else None
+    if layers:
+        assert edlora.enable_layerwise_conditioning(sd.unet) == layers
+    assert expected["new_tokens"] == (2 * layers if layers else 2)
+    assert expected["embedding_params"] == (49408 + expected["new_tokens"]) * 768
+    # the shapes the formula lists are the wrapped layers' shapes
+    built = sorted((m.in_features, m.out_features) for m in D.lora_layers(sd.unet) + D.lora_layers(sd.text_encoder))
+    assert built == sorted(check.unet_lora_shapes(unet_config, list(cfg.lora.unet_targets))
+                           + check.text_lora_shapes(text_config, list(cfg.lora.text_targets)))
+    model = D.LoraDiffusionModel(sd.unet, sd.text_encoder, sd.vae, sd.noise_scheduler)
+    name, hparams, overrides = D.optimizer_settings(
+        {k: v for k, v in dict(cfg.optim).items()}, cfg.unet_lr, cfg.text_lr, cfg.unet_reg, cfg.text_reg)
+    optimizer = core.build_optimizer(model, name, group_overrides=overrides, **hparams)
+    counts = D.trainable_counts(model, optimizer)
+    assert counts == {"trainable_params": unet + text, "lora_pairs": 176}  # (no new token rows added here)
+    paired = {id(t) for g in optimizer.param_groups for a, b, _ in g["pairs"] for t in (g["params"][a], g["params"][b])}
+    assert paired == {id(p) for n, p in model.named_parameters() if p.requires_grad and "lora_" in n}
+    # plain AdamW preconditions nothing, and the expectation says so
+    adamw = check.expected_diffusion_trainable(check.diffusion_cfg(folder, ["optim=adamw"]))
+    assert adamw["lora_pairs"] == 0 and adamw["lora_layers"] == 176
+    assert D.trainable_counts(model, core.build_optimizer(model, "adamw", lr=1e-4))["lora_pairs"] == 0
+
+
+def test_sd15_proj_targets_and_unknown_targets():
+    unet = json.loads((check.SD15_CONFIGS / "unet" / "config.json").read_text())
+    with_proj = check.unet_lora_shapes(unet, ["to_q", "proj_in", "proj_out"])
+    # per transformer of width d: to_q of both attentions and proj_in, proj_out, each r (d + d)
+    assert len(with_proj) == 16 * 4 and sum(4 * (i + o) for i, o in with_proj) == 4 * 4 * 2 * 12480
+    with pytest.raises(check.CheckFailed, match=r"no shape formula for the UNet LoRA targets \['ff.net.2'\]"):
+        check.unet_lora_shapes(unet, ["to_q", "ff.net.2"])
+    with pytest.raises(check.CheckFailed, match="SD-1.x layout only"):
+        check.unet_transformer_widths({**unet, "transformer_layers_per_block": 2})
+
+
+def test_clip_sized_tokenizer_from_gpt2_words(data_root):
+    tok = D.build_tiny_tokenizer(data_root / "gpt2-tokenizer", vocab_size=600)
+    assert len(tok) == 600 and (tok.bos_token_id, tok.eos_token_id) == (598, 599)
+    assert tok("a dog")["input_ids"][0] == 598 and tok("a dog")["input_ids"][-1] == 599
+    assert D.build_tiny_tokenizer(data_root / "gpt2-tokenizer", vocab_size=600).get_vocab() == tok.get_vocab()
+    with pytest.raises(ValueError, match="give 50253 vocabulary entries, fewer than vocab_size=60000"):
+        D.build_tiny_tokenizer(data_root / "gpt2-tokenizer", vocab_size=60000)
+
+
+def _reduced_sd_configs(folder: Path) -> Path:
+    """A reduced SD-1.x-layout model as a folder of config files (what --sd-configs takes)."""
+    unet = {"_class_name": "UNet2DConditionModel", **D.tiny_unet_config(32, (32, 64), cross_attention_dim=32)}
+    vae = {"_class_name": "AutoencoderKL", **D.tiny_vae_config(64, (16, 32))}
+    text = {"model_type": "clip_text_model", **D.tiny_text_encoder_config(10000, 32, 2), "eos_token_id": 2,
+            "bos_token_id": 0}
+    for part, config in {"unet": unet, "vae": vae, "text_encoder": text}.items():
+        (folder / part).mkdir(parents=True)
+        (folder / part / "config.json").write_text(json.dumps(config))
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(
+        (check.SD15_CONFIGS / "scheduler" / "scheduler_config.json").read_text())
+    return folder
+
+
+def _diffusion_args(tmp_path, configs, **kw):
+    (tmp_path / "work").mkdir(parents=True)
+    return argparse.Namespace(workdir=tmp_path / "work", sd_resolution=64, sd_configs=configs, sd_override=[],
+                              threads=1, **kw)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("part", ["sd_custom_diffusion", "mix_of_show"])
+def test_the_diffusion_check_through_train_py_on_a_reduced_model(tmp_path, data_root, part):
+    """The check's diffusion part (the experiment's train.py, one step, one sampling step, the count check) on a
+    reduced model in SD-1.5's layout: 4 transformers, text width 32 in 2 layers, vocabulary 10000."""
+    configs = _reduced_sd_configs(tmp_path / "configs")
+    lines = check.PARTS[part](_diffusion_args(tmp_path, configs))
+    # by hand: widths 32 (down), 64 (mid), 32, 32 (up), cross dim 32: r (6 * 2d + 2 (32 + d)) each; text
+    # 2 layers x 4 projections x r (32 + 32); the embedding (10000 + new tokens) x 32
+    lora = sum(4 * (12 * d + 2 * (32 + d)) for d in (32, 64, 32, 32)) + 2 * 4 * 4 * 64
+    new_tokens = 2 * 4 if part == "mix_of_show" else 2
+    trainable = lora + (10000 + new_tokens) * 32
+    assert f"{trainable:,} trainable (= {trainable:,} from the configuration" in lines[0]
+    assert f"with {new_tokens} new rows" in lines[0] and "pairs all 40 (A, B)" in lines[0]
+    assert "denoising step + VAE decode" in lines[1] and "peak memory" in lines[1]
+    folder, experiment = check.DIFFUSION_PARTS[part]
+    (path,) = (tmp_path / "work" / f"results_{part}" / experiment).glob("*.json")
+    rec = json.loads(path.read_text())
+    assert rec["config"]["model"]["random_init"] and rec["config"]["data"]["resolution"] == 64
+    assert rec["config"]["train"]["steps"] == 1 and rec["config"]["sample"]["steps"] == 1
+    assert rec["final_metrics"]["sample_time_s"] > 0 and rec["tags"]["preset"] == "sd15_random"
+    # a count other than the configuration's is a failure of the check
+    wrong = check.expected_diffusion_trainable
+    check_args = _diffusion_args(tmp_path / "again", configs)
+    try:
+        check.expected_diffusion_trainable = lambda cfg, c: {**wrong(cfg, c), "trainable_params": trainable + 1}
+        with pytest.raises(check.CheckFailed, match=f"{trainable:,} trainable_params, expected {trainable + 1:,}"):
+            check.PARTS[part](check_args)
+    finally:
+        check.expected_diffusion_trainable = wrong
+
+
+def test_sd_step_that_cannot_fit_in_memory_stops_before_running(tmp_path, monkeypatch):
+    monkeypatch.setattr(check, "_run_measured", lambda *a, **k: pytest.fail("the step ran"))
+    need = check.sd_step_memory_gb("mix_of_show", 2, 4096)
+    assert need == pytest.approx(7.6 + 2.1 * 2 * 64)
+    with pytest.raises(check.CheckFailed, match=rf"mix_of_show: a step at batch 2 x 4096 x 4096 needs about "
+                                                rf"{need:.1f} GB on CPU.*use a smaller --sd-resolution"):
+        check.main(["--parts", "mix_of_show", "--sd-resolution", "4096", "--workdir", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        check.main(["--parts", "mix_of_show", "--sd-resolution", "500"])
+
+
+def test_random_init_preflight_names_what_is_missing(tmp_path, data_root):
+    configs = _reduced_sd_configs(tmp_path / "configs")
+    (configs / "vae" / "config.json").unlink()
+    cfg = check.diffusion_cfg("Object_Generation", ["preset=sd15_random", f"model.pretrained={configs}",
+                                                    f"results_dir={tmp_path / 'results'}"])
+    with pytest.raises(FileNotFoundError, match="model.pretrained's vae configuration not found"):
+        D.runs.preflight(cfg, "object_generation")
+    with pytest.raises(FileNotFoundError, match=r"lacks the configuration files \['vae/config.json'\]"):
+        D.load_components(str(configs), gpt2_dir=data_root / "gpt2-tokenizer", random_init=True)
+    with pytest.raises(ValueError, match="random_init needs pretrained"):
+        D.load_components(None, {"resolution": 32}, data_root / "gpt2-tokenizer", random_init=True)
+    cfg = check.diffusion_cfg("Object_Generation", ["model.random_init=true", "model.pretrained=null",
+                                                    f"results_dir={tmp_path / 'results'}"])
+    with pytest.raises(ValueError, match="model.random_init=true needs model.pretrained"):
+        D.runs.preflight(cfg, "object_generation")

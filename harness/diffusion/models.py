@@ -1,15 +1,17 @@
 """Stable Diffusion's parts with LoRA and new concept tokens, and the training loss.
 
-* :func:`load_components` loads Stable Diffusion (hub name or local diffusers folder) or builds a tiny random
-  UNet / VAE / CLIP text encoder in code (:func:`tiny_unet_config` ...) with an offline CLIP tokenizer whose small
-  vocabulary comes from GPT-2's (:func:`build_tiny_tokenizer`);
+* :func:`load_components` loads Stable Diffusion (hub name or local diffusers folder), builds its architecture
+  from its configuration files with random weights (``random_init``; Stable Diffusion 1.5's files are in
+  ``harness/diffusion/configs/stable-diffusion-v1-5``) or builds a tiny random UNet / VAE / CLIP text encoder in
+  code (:func:`tiny_unet_config` ...), the last two with an offline CLIP tokenizer whose vocabulary comes from
+  GPT-2's (:func:`build_tiny_tokenizer`);
 * new tokens: :func:`add_concept_tokens` adds placeholder tokens, :func:`keep_original_embedding_rows` makes sure
   only their embedding rows ever change (an :class:`EmbeddingRowGuard`, checkpointed with the run);
 * LoRA: :func:`add_lora` (PEFT, linear and 1x1-conv targets), :func:`lora_layers`, :func:`lora_delta_norm`,
   :func:`fuse_lora` (merge at a scale);
 * :class:`LoraDiffusionModel` (``forward(pixel_values, input_ids) -> loss``; ``input_ids`` of shape (B, L, T) give
   one conditioning per cross-attention layer, as EDLoRA needs) and :func:`optimizer_settings`, the arguments of
-  :func:`core.build_optimizer` that set the UNet and the text encoder apart.
+  :func:`core.build_optimizer` that set the UNet and the text encoder apart, and :func:`trainable_counts`.
 """
 
 from __future__ import annotations
@@ -31,40 +33,56 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 __all__ = [
     "build_tiny_tokenizer", "tiny_unet_config", "tiny_vae_config", "tiny_text_encoder_config", "SDComponents",
-    "load_components", "add_concept_tokens", "keep_original_embedding_rows", "EmbeddingRowGuard", "add_lora",
-    "lora_layers", "lora_delta_norm", "fuse_lora", "optimizer_settings", "LoraDiffusionModel",
+    "CONFIG_FILES", "load_components", "random_init_tokenizer_source", "add_concept_tokens",
+    "keep_original_embedding_rows", "EmbeddingRowGuard", "add_lora", "lora_layers", "lora_delta_norm", "fuse_lora",
+    "optimizer_settings", "trainable_counts", "LoraDiffusionModel",
 ]  # fmt: skip
 
 
-def build_tiny_tokenizer(gpt2_dir: str | Path, num_words: int = 1000, model_max_length: int = 77):
+def build_tiny_tokenizer(gpt2_dir: str | Path, num_words: int = 1000, model_max_length: int = 77,
+                         vocab_size: int | None = None):
     """A real ``CLIPTokenizer`` (CLIP's byte-level BPE with ``</w>`` word ends, ``<|startoftext|>`` ...
     ``<|endoftext|>``, padded with ``<|endoftext|>``) with a small vocabulary that needs no download.
 
     The vocabulary is built deterministically from the ``num_words`` most frequent lower-case words of GPT-2's
     vocabulary (``gpt2_dir/vocab.json``, whose ids follow merge rank): the 256 byte symbols, the same with ``</w>``,
-    and one merge per new prefix of those words; any text tokenizes (into word pieces and bytes). Only for the
-    tiny random-init models, where the segmentation does not matter: real runs use the checkpoint's own tokenizer.
+    and one merge per new prefix of those words; any text tokenizes (into word pieces and bytes). Only for
+    random-init models, where the segmentation does not matter: real runs use the checkpoint's own tokenizer.
     It saves and loads like any CLIP tokenizer.
+
+    With ``vocab_size`` (e.g. 49408, CLIP's), ``num_words`` is ignored: the merges of GPT-2's words, in order, are
+    taken until the vocabulary has exactly ``vocab_size`` entries, the last two ``<|startoftext|>`` and
+    ``<|endoftext|>`` (ids 49406 and 49407 at CLIP's size, as in CLIP's own tokenizer).
     """
     vocab_file = Path(gpt2_dir) / "vocab.json"
     if not vocab_file.is_file():
         raise FileNotFoundError(f"GPT-2 vocabulary {str(vocab_file)!r} is missing (needed for the tiny tokenizer)")
     if num_words < 1:
         raise ValueError(f"num_words must be >= 1, got {num_words}")
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    if vocab_size is not None and vocab_size < 2 * len(alphabet) + 2:
+        raise ValueError(f"vocab_size must be at least {2 * len(alphabet) + 2} (bytes, bytes</w>, the two special "
+                         f"tokens), got {vocab_size}")
     gpt2 = json.loads(vocab_file.read_text(encoding="utf-8"))
     words = [t[1:] for t, _ in sorted(gpt2.items(), key=lambda kv: kv[1])
-             if t.startswith("\u0120") and t[1:].isascii() and t[1:].isalpha() and t[1:].islower()][:num_words]
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+             if t.startswith("\u0120") and t[1:].isascii() and t[1:].isalpha() and t[1:].islower()]
+    words = words if vocab_size is not None else words[:num_words]
+    size = vocab_size - 2 if vocab_size is not None else None  # before the two special tokens
     vocab = {c: i for i, c in enumerate(alphabet + [c + "</w>" for c in alphabet])}
     merges = []
     for word in words:
         symbols = list(word[:-1]) + [word[-1] + "</w>"]
         current = symbols[0]
         for symbol in symbols[1:]:
+            if len(vocab) == size:
+                break
             if current + symbol not in vocab:
                 merges.append((current, symbol))
                 vocab[current + symbol] = len(vocab)
             current += symbol
+    if size is not None and len(vocab) < size:
+        raise ValueError(f"GPT-2's words in {str(vocab_file)!r} give {len(vocab) + 2} vocabulary entries, "
+                         f"fewer than vocab_size={vocab_size}")
     vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
 
@@ -108,12 +126,27 @@ class SDComponents:
     noise_scheduler: object
 
 
+# The files a random-init model is built from (``random_init=True``), per component folder.
+CONFIG_FILES = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json",
+                "scheduler": "scheduler_config.json"}
+
+
 def load_components(pretrained: str | None, tiny: dict | None = None, gpt2_dir: str | Path | None = None,
-                    seed: int = 0) -> SDComponents:
+                    seed: int = 0, random_init: bool = False) -> SDComponents:
     """Stable Diffusion parts from ``pretrained`` (hub name or local diffusers folder with ``tokenizer/``,
     ``text_encoder/``, ``vae/``, ``unet/``, ``scheduler/``), or, when ``pretrained`` is ``None``, a tiny random model
     built in code from ``tiny`` = ``{"resolution", "unet_channels", "vae_channels", "text_hidden", "text_layers",
-    "num_words"}`` with the offline tokenizer of :func:`build_tiny_tokenizer` (``gpt2_dir``)."""
+    "num_words"}`` with the offline tokenizer of :func:`build_tiny_tokenizer` (``gpt2_dir``).
+
+    With ``random_init`` only the configuration files of ``pretrained`` are read (:data:`CONFIG_FILES`, e.g. the
+    folder ``harness/diffusion/configs/stable-diffusion-v1-5``) and the architectures are built from them with
+    random weights (seeded by ``seed``); the tokenizer is ``pretrained``'s ``tokenizer/`` if it has one, otherwise
+    :func:`build_tiny_tokenizer` (``gpt2_dir``) at the text encoder's ``vocab_size``, so every shape is the real one.
+    """
+    if pretrained and random_init:
+        return _random_components(pretrained, gpt2_dir, seed)
+    if random_init:
+        raise ValueError("random_init needs pretrained: the model (or folder of its config files) to build")
     if pretrained:
         local = Path(pretrained).expanduser()
         if local.exists() and not (local / "unet").is_dir():
@@ -142,6 +175,37 @@ def load_components(pretrained: str | None, tiny: dict | None = None, gpt2_dir: 
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                               beta_schedule="scaled_linear")  # Stable Diffusion's training noise schedule
     return SDComponents(tokenizer, text_encoder, vae, unet, scheduler)
+
+
+def random_init_tokenizer_source(pretrained: str | Path) -> str:
+    """Where :func:`load_components` takes the tokenizer of a ``random_init`` model from: ``"tokenizer/"`` when
+    ``pretrained`` is a hub name or a local folder with one, otherwise ``"gpt2_words"`` (:func:`build_tiny_tokenizer`
+    at the text encoder's vocabulary size)."""
+    local = Path(pretrained).expanduser()
+    return "tokenizer/" if not local.exists() or (local / "tokenizer").is_dir() else "gpt2_words"
+
+
+def _random_components(pretrained: str, gpt2_dir: str | Path | None, seed: int) -> SDComponents:
+    """:func:`load_components` with ``random_init``: the architectures of ``pretrained``'s config files."""
+    local = Path(pretrained).expanduser()
+    name = str(local) if local.exists() else pretrained
+    if local.exists():
+        missing = [f"{part}/{file}" for part, file in CONFIG_FILES.items() if not (local / part / file).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{str(local)!r} lacks the configuration files {missing} (random_init builds "
+                                    "the model from them)")
+    tokenizer_source = random_init_tokenizer_source(pretrained)
+    if tokenizer_source == "gpt2_words" and gpt2_dir is None:
+        raise ValueError(f"{str(local)!r} has no tokenizer/: give gpt2_dir to build one of the model's vocabulary size")
+    torch.manual_seed(seed)
+    text_config = CLIPTextConfig.from_pretrained(name, subfolder="text_encoder")
+    tokenizer = (CLIPTokenizer.from_pretrained(name, subfolder="tokenizer") if tokenizer_source == "tokenizer/" else
+                 build_tiny_tokenizer(gpt2_dir, vocab_size=text_config.vocab_size,
+                                      model_max_length=text_config.max_position_embeddings))
+    return SDComponents(tokenizer, CLIPTextModel(text_config),
+                        AutoencoderKL.from_config(AutoencoderKL.load_config(name, subfolder="vae")),
+                        UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(name, subfolder="unet")),
+                        DDPMScheduler.from_config(DDPMScheduler.load_config(name, subfolder="scheduler")))
 
 
 def add_concept_tokens(tokenizer, text_encoder: nn.Module, tokens: Sequence[str],
@@ -293,6 +357,15 @@ def optimizer_settings(optim: dict, unet_lr: float, text_lr: float, unet_reg: fl
         module = next(n for n, m in text_encoder.named_modules() if m is embedding)
         overrides[f"text_encoder.{module}"] = {"lr": float(embedding_lr)}
     return name, {**hparams, "lr": float(unet_lr), **regs[0]}, overrides
+
+
+def trainable_counts(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """What a run trains: ``trainable_params`` (elements of every tensor with ``requires_grad``: the LoRA factors
+    and, when new token rows train, the whole input embedding, whose other rows are restored after each step) and
+    ``lora_pairs``, the (A, B) pairs ``optimizer`` preconditions (its groups' ``pairs``: one per LoRA layer for the
+    scaled optimizers; 0 for ``sgd``/``adamw``, which update every factor as a plain parameter)."""
+    return {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "lora_pairs": sum(len(group.get("pairs", ())) for group in optimizer.param_groups)}
 
 
 class LoraDiffusionModel(nn.Module):

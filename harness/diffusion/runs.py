@@ -9,6 +9,7 @@ own groups (``model``, ``lora``, ``concept``, ``train``, ``sample``).
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -20,7 +21,10 @@ from ..paths import is_local_path, require_path, require_writable_folder
 from ..records import RunRecorder
 from ..seeding import seed_everything
 from .data import _concept_files
-from .models import LoraDiffusionModel, SDComponents, add_lora, fuse_lora, load_components
+from .models import (
+    CONFIG_FILES, LoraDiffusionModel, SDComponents, add_lora, fuse_lora, load_components,
+    random_init_tokenizer_source,
+)
 from .sampling import make_sampler, sample_and_score, to_pil
 
 __all__ = ["preflight", "start_run", "load_lora_components", "concept_folder", "make_recorder",
@@ -29,16 +33,26 @@ __all__ = ["preflight", "start_run", "load_lora_components", "concept_folder", "
 
 def preflight(cfg, experiment: str) -> None:
     """Everything that could fail after training, checked before anything is loaded: the data folder, the concept
-    images, the tiny model's tokenizer files (or a local Stable Diffusion folder), a local CLIP model, and a
+    images, the tiny model's tokenizer files (or a local Stable Diffusion folder; with ``model.random_init`` its
+    configuration files and, without its ``tokenizer/``, the GPT-2 tokenizer files), a local CLIP model, and a
     writable ``<results_dir>/<experiment>/samples`` folder. Each failure is a clear error naming the problem."""
     if cfg.data.root is None:
         raise ValueError("data.root is null: set it to the folder holding concepts/ and gpt2-tokenizer/ "
                          "(default ${data_root:}: $RPLORA_DATA or <repo>/../shared/data)")
     data_root = require_path(cfg.data.root, "data.root")
     _concept_files(concept_folder(cfg, data_root))
+    if cfg.model.random_init and not cfg.model.pretrained:
+        raise ValueError("model.random_init=true needs model.pretrained: the model (or folder of its config files) "
+                         "whose architecture is built with random weights")
     if cfg.model.pretrained:
         if is_local_path(cfg.model.pretrained):
-            require_path(cfg.model.pretrained, "model.pretrained")
+            folder = require_path(cfg.model.pretrained, "model.pretrained")
+            if cfg.model.random_init:  # only the configuration files are read
+                for part, file in CONFIG_FILES.items():
+                    require_path(folder / part / file, f"model.pretrained's {part} configuration")
+                if random_init_tokenizer_source(folder) == "gpt2_words":
+                    require_path(cfg.model.gpt2_dir or Path(data_root) / "gpt2-tokenizer",
+                                 "tokenizer folder model.gpt2_dir (model.pretrained has no tokenizer/)")
     else:
         require_path(cfg.model.gpt2_dir or Path(data_root) / "gpt2-tokenizer", "tokenizer folder model.gpt2_dir")
     if cfg.sample.clip_model and is_local_path(cfg.sample.clip_model):
@@ -60,11 +74,12 @@ def start_run(cfg, experiment: str) -> tuple[Accelerator, Path, Path]:
 
 
 def load_lora_components(cfg, data_root: str | Path) -> SDComponents:
-    """The components an experiment config names (``cfg.model``: ``pretrained`` or ``tiny``, ``gpt2_dir``; seeded by
-    ``cfg.seed``) with LoRA on the UNet and the text encoder (``cfg.lora``: targets, ``rank``, ``alpha``)."""
+    """The components an experiment config names (``cfg.model``: ``pretrained`` or ``tiny``, ``random_init``,
+    ``gpt2_dir``; seeded by ``cfg.seed``) with LoRA on the UNet and the text encoder (``cfg.lora``: targets,
+    ``rank``, ``alpha``)."""
     gpt2_dir = cfg.model.gpt2_dir or Path(data_root) / "gpt2-tokenizer"
     tiny = OmegaConf.to_container(cfg.model.tiny, resolve=True) if cfg.model.tiny else None
-    sd = load_components(cfg.model.pretrained, tiny, gpt2_dir, seed=cfg.seed)
+    sd = load_components(cfg.model.pretrained, tiny, gpt2_dir, seed=cfg.seed, random_init=cfg.model.random_init)
     add_lora(sd.unet, cfg.lora.unet_targets, cfg.lora.rank, cfg.lora.alpha)
     add_lora(sd.text_encoder, cfg.lora.text_targets, cfg.lora.rank, cfg.lora.alpha)
     return sd
@@ -102,10 +117,12 @@ def fuse_sample_and_finish(cfg, model: LoraDiffusionModel, prompt_ids: torch.Ten
     per ``cfg.sample.seeds`` from ``prompt_ids`` = [prompt, empty prompt], score them (black share, CLIP against the
     class word and the concept images if ``cfg.sample.clip_model``), save the strip beside the record as
     ``samples/<record name>.png`` (atomically, listed in the record's ``files``), and close the record with
-    ``final`` updated by these metrics; returns ``final``."""
+    ``final`` updated by these metrics and ``sample_time_s`` (the wall time of sampling and scoring); returns
+    ``final``."""
     recorder.save(final_metrics=final)  # the training results are on disk before sampling
     fuse_lora(model.unet, cfg.fusion_scale)
     fuse_lora(model.text_encoder, cfg.fusion_scale)
+    start = time.perf_counter()
     with recorder.output_file("samples", ".png") as strip_path:
         final.update(sample_and_score(
             model, make_sampler(cfg.sample.sampler, train_scheduler), prompt_ids[0], prompt_ids[1], cfg.sample.seeds,
@@ -113,5 +130,6 @@ def fuse_sample_and_finish(cfg, model: LoraDiffusionModel, prompt_ids: torch.Ten
             strip_path=strip_path, clip_model=cfg.sample.clip_model,
             references=[to_pil(x[None])[0] for x in dataset.images],
             clip_text=cfg.sample.prompt.replace(cfg.data.placeholder, cfg.concept.class_word)))  # fmt: skip
+    final["sample_time_s"] = time.perf_counter() - start
     print(f"{recorder.finish(final)}: black images {final['black_count']}/{final['num_images']}")
     return final
