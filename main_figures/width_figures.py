@@ -462,7 +462,13 @@ def glue_lora_scale_table(records: Iterable) -> str:
             series = opt if opt != "scaled_adamw" else f"scaled_adamw_{rec.hparams.get('variant', 'gradient')}"
             tried[(series, int(lora["r"]), float(lora["alpha"]), bool(lora.get("rslora", False)))].add(
                 float(rec.hparams["lr"]))
+    too_few = sorted(k for k in best if len(tried[k]) < 3)  # no best rate to speak of: listed, not fitted
+    best = {k: v for k, v in best.items() if k not in too_few}
     lines = _lora_scale_lines(best, "dev accuracy (learning rates run)", lambda key, b: (
-        f"{1 - b.loss:.4f} ({len(tried[key])}: {min(tried[key]):g} ... {max(tried[key]):g})"))
+        f"{1 - b.loss:.4f} ({len(tried[key])}: {min(tried[key]):g} ... {max(tried[key]):g})")) if best else []
+    if too_few:
+        lines += ["", "Left out (fewer than 3 learning rates run so far): " + "; ".join(
+            f"{series_label(s)} r {r} alpha {a:g}{' rsLoRA' if rs else ''} ({len(tried[(s, r, a, rs)])})"
+            for s, r, a, rs in too_few)]
     return "\n".join(["MiniLM-L6 on SST-2 (`preset=minilm_sst2`), best learning rate by dev accuracy; the sweeps run "
                       "6 learning rates per setting, fewer is a partial grid.", ""] + lines) + "\n"

@@ -198,5 +198,10 @@ def test_the_sst2_lora_scale_table_reads_rank_alpha_and_rslora_from_the_runs(tmp
         ("adamw", 4, 8.0, False): 2.0, ("adamw", 16, 32.0, False): 2.0, ("scaled_adamw_gradient", 4, 8.0, True): 4.0}
     table = width_figures.glue_lora_scale_table(records)
     assert "| AdamW | 4 | 8 | 2 |" in table and "| 8 (rsLoRA) | 4 |" in table and "0.9000 (6: 0.0001 ... 0.03)" in table
+    lone = RunRecorder(tmp_path, "glue", "adamw", {"lr": 1e-3}, 42, tags={"sweep": "lora_scale"},
+                       config={"lora": {"r": 64, "alpha": 8, "rslora": True}})
+    lone.finish({"accuracy": 0.95})  # one learning rate: no best rate, and not in the fit
+    table = width_figures.glue_lora_scale_table(load_records(tmp_path, "glue"))
+    assert "| AdamW | 64 |" not in table and "Left out (fewer than 3 learning rates run so far): AdamW r 64" in table
     with pytest.raises(ValueError, match="no 'lora_scale' sweep among the GLUE records"):
         width_figures.glue_lora_scale_table([r for r in records if r.tags.get("sweep") != "lora_scale"])
