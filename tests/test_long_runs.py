@@ -242,3 +242,57 @@ def test_the_driver_fails_loudly_naming_the_failed_job(tmp_path, capfd):
         run_step(step, extra=("optim.no_such_key=1", f"results_dir={tmp_path}"))
     assert "FAILED (exit status 1)" in capfd.readouterr().out
     assert not list(tmp_path.glob("*/*.json"))  # the job failed before any record
+
+
+# ------------------------------------------------------------------------------------------------ tables
+def _long_record(results, optimizer, lr, seed, accuracy=None, curve=(0.5, 0.45, 0.44, 0.439), diverged_at=None,
+                 variant=None, status="done"):
+    hparams = {"lr": lr, **({"variant": variant} if variant else {})}
+    recorder = RunRecorder(results, "glue", optimizer, hparams, seed, config={"lr": lr},
+                           tags={"preset": "minilm_long", "task": "sst2"})
+    recorder.start()
+    for i, loss in enumerate(curve, 1):
+        recorder.log_metrics(250 * i, validation_loss=loss)
+    if status == "running":
+        return recorder
+    if diverged_at is not None:
+        recorder.finish({"diverged_at_step": diverged_at, "steps": diverged_at})
+    else:
+        recorder.finish({"accuracy": accuracy, "steps": 1000})
+    return recorder
+
+
+def test_long_table_marks_a_partial_grid_diverged_runs_and_the_flattening(tmp_path):
+    from main_figures.long_tables import FLAT_TOLERANCE, long_table, validation_drop
+
+    _long_record(tmp_path, "adamw", 1e-3, 42, 0.80)
+    _long_record(tmp_path, "adamw", 1e-3, 43, 0.82)
+    _long_record(tmp_path, "adamw", 1e-4, 42, 0.60)
+    _long_record(tmp_path, "adamw", 1e-2, 42, diverged_at=5, curve=(0.7,))
+    _long_record(tmp_path, "scaled_adamw", 1e-3, 42, 0.81, curve=(0.6, 0.5, 0.45, 0.40))  # still falling
+    _long_record(tmp_path, "scaled_adamw", 3e-3, 42, 0.805)
+    _long_record(tmp_path, "scaled_adamw", 1e-2, 42, status="running")
+    _long_record(tmp_path, "scaled_adamw", 1e-3, 42, 0.5, variant="update")
+    table = long_table(tmp_path, "glue")
+    assert "**7 of the 96 planned runs are present (partial grid).**" in table
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert rows["adamw"].startswith("| adamw | 4 / 21 | 3 of 7 | 0.001 | 81.00 ± 1.41 (2) | 0.00 |")
+    assert "yes (+0.2%)" in rows["adamw"] and "lr 0.01 seed 42: diverged@5" in rows["adamw"]
+    assert rows["scaled_adamw"].startswith("| scaled_adamw | 2 / 21 | 2 of 7 | 0.001 | 81.00 (1 seed) | ≥ 0.48 |")
+    assert "no (+11.1%)" in rows["scaled_adamw"] and "1 running / interrupted" in rows["scaled_adamw"]
+    assert rows["scaled_adamw (update)"].startswith("| scaled_adamw (update) | 1 / 21 |")
+    assert rows["loraplus"] == "| loraplus | 0 / 21 | 7 planned | - | - | - | - | none |"
+    record = load_records(tmp_path, "glue")[0]
+    assert validation_drop(record, "validation_loss") < FLAT_TOLERANCE
+
+
+def test_long_table_says_complete_only_when_every_planned_run_is_there(tmp_path, monkeypatch):
+    from main_figures import long_tables
+
+    monkeypatch.setitem(long_tables.LONG, "glue", long_tables.LongExperiment(
+        "glue", "minilm_long", "t", "validation_loss", ("minilm_long_lora_rite",), "minilm_long_curves"))
+    for lr in (3e-4, 1e-3):
+        _long_record(tmp_path, "lora_rite", lr, 42, 0.7)
+    assert "2 of the 3 planned runs are present (partial grid)" in long_tables.long_table(tmp_path, "glue")
+    _long_record(tmp_path, "lora_rite", 3e-3, 42, 0.7)
+    assert "3 of the 3 planned runs are present (complete)" in long_tables.long_table(tmp_path, "glue")
