@@ -105,29 +105,30 @@ def halves(jobs: list) -> tuple[list, list]:
     return jobs[0::2], jobs[1::2]
 
 
-DECADES, HALF_DECADES = "1e-5,1e-4,1e-3,1e-2", "3e-5,3e-4,3e-3"  # the long_* grids' rates, in two steps each
+def _grid(optimizers: str, lrs: str, seed: int) -> dict[str, str]:
+    return {"optim": optimizers, "optim.lr": lrs, "seed": str(seed)}
+
+
+# Sized by the measured cost of one run (README "Long CPU runs"): at most an hour each, about 4 hours in all.
 LONG_STEPS: tuple[LongStep, ...] = (
-    LongStep("long_e2e_lr_a", "SmolLM2 on E2E, 100 steps: AdamW vs scaled AdamW (gradient) at lr 1e-5, 1e-4, 1e-3, "
-             "1e-2, seed 110", "gpt2_e2e",
-             (Part("long_lr", {"optim": "adamw,scaled_adamw", "optim.lr": DECADES, "seed": "110"}),)),
-    LongStep("long_e2e_lr_b", "SmolLM2 on E2E, 100 steps: AdamW vs scaled AdamW (gradient) at lr 3e-5, 3e-4, 3e-3, "
-             "seed 110", "gpt2_e2e",
-             (Part("long_lr", {"optim": "adamw,scaled_adamw", "optim.lr": HALF_DECADES, "seed": "110"}),)),
+    LongStep("long_e2e_lr_a", "SmolLM2 on E2E, 100 steps: AdamW vs scaled AdamW (gradient) at lr 1e-4, 1e-3, 1e-2, "
+             "seed 110", "gpt2_e2e", (Part("long_lr", _grid("adamw,scaled_adamw", "1e-4,1e-3,1e-2", 110)),)),
+    LongStep("long_e2e_lr_b", "SmolLM2 on E2E, 100 steps: AdamW vs scaled AdamW (gradient) at lr 1e-5, 3e-4, 3e-3, "
+             "seed 110", "gpt2_e2e", (Part("long_lr", _grid("adamw,scaled_adamw", "1e-5,3e-4,3e-3", 110)),)),
+    LongStep("long_e2e_lr_c", "SmolLM2 on E2E, 100 steps: AdamW vs scaled AdamW (gradient) at lr 3e-5, seed 110",
+             "gpt2_e2e", (Part("long_lr", _grid("adamw,scaled_adamw", "3e-5", 110)),)),
     LongStep("long_sst2_lr_a", "MiniLM on SST-2, 1000 steps: AdamW vs scaled AdamW (gradient) at lr 1e-5, 1e-4, "
              "1e-3, 1e-2, seed 42", "glue",
-             (Part("minilm_long_lr", {"optim": "adamw,scaled_adamw", "optim.lr": DECADES, "seed": "42"}),)),
+             (Part("minilm_long_lr", _grid("adamw,scaled_adamw", "1e-5,1e-4,1e-3,1e-2", 42)),)),
     LongStep("long_sst2_lr_b", "MiniLM on SST-2, 1000 steps: AdamW vs scaled AdamW (gradient) at lr 3e-5, 3e-4, "
-             "3e-3, seed 42", "glue",
-             (Part("minilm_long_lr", {"optim": "adamw,scaled_adamw", "optim.lr": HALF_DECADES, "seed": "42"}),)),
-    LongStep("long_e2e_update", "SmolLM2 on E2E, 100 steps: scaled AdamW (update) at lr 1e-5, 1e-4, 1e-3, 1e-2, "
-             "seed 110", "gpt2_e2e", (Part("long_lr_update", {"optim.lr": DECADES, "seed": "110"}),)),
+             "3e-3, seed 42", "glue", (Part("minilm_long_lr", _grid("adamw,scaled_adamw", "3e-5,3e-4,3e-3", 42)),)),
     LongStep("long_sst2_update", "MiniLM on SST-2, 1000 steps: scaled AdamW (update) at lr 1e-5..1e-2, seed 42",
              "glue", (Part("minilm_long_lr_update", {"seed": "42"}),)),
 )  # fmt: skip
 # What the steps leave out of the long sweeps, because the measured costs do not fit 4 hours (README "Long CPU
-# runs"): scaled AdamW (update) at the half-decade rates on E2E, LoRA+, every second and third seed, the tuned peers
-# (long_peft_riemannian, long_lora_rite and their minilm_long_* twins), the SGD vs scaled GD curves (long_curves,
-# minilm_long_curves) and Table 1 (long_table1). Each runs with its -m sweep, e.g.
+# runs"): scaled AdamW (update) on E2E, LoRA+, every second and third seed, the tuned peers (long_peft_riemannian,
+# long_lora_rite and their minilm_long_* twins), the SGD vs scaled GD curves (long_curves, minilm_long_curves) and
+# Table 1 (long_table1). Each runs with its -m sweep, e.g.
 #   python GPT-2/train.py -m sweep=long_curves skip_finished=true resume=auto
 
 

@@ -166,13 +166,13 @@ def test_sweep_jobs_expand_and_narrow_like_hydra(tmp_path):
 
 
 # each long step's jobs, as README "Long CPU runs" lists them: (optimizer[/variant], lrs, seed)
-DECADES, HALF = ["1e-5", "1e-4", "1e-3", "1e-2"], ["3e-5", "3e-4", "3e-3"]
+BOTH = {"adamw", "scaled_adamw"}
 README_STEPS = {
-    "long_e2e_lr_a": ({"adamw", "scaled_adamw"}, DECADES, 110),
-    "long_e2e_lr_b": ({"adamw", "scaled_adamw"}, HALF, 110),
-    "long_sst2_lr_a": ({"adamw", "scaled_adamw"}, DECADES, 42),
-    "long_sst2_lr_b": ({"adamw", "scaled_adamw"}, HALF, 42),
-    "long_e2e_update": ({"scaled_adamw/update"}, DECADES, 110),
+    "long_e2e_lr_a": (BOTH, ["1e-4", "1e-3", "1e-2"], 110),
+    "long_e2e_lr_b": (BOTH, ["1e-5", "3e-4", "3e-3"], 110),
+    "long_e2e_lr_c": (BOTH, ["3e-5"], 110),
+    "long_sst2_lr_a": (BOTH, ["1e-5", "1e-4", "1e-3", "1e-2"], 42),
+    "long_sst2_lr_b": (BOTH, ["3e-5", "3e-4", "3e-3"], 42),
     "long_sst2_update": ({"scaled_adamw/update"}, GRID, 42),
 }
 
