@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from main_figures.long_runs import EXPERIMENTS, Part, sweep_params
+from main_figures.long_runs import EXPERIMENTS, sweep_params
 from main_figures.metrics import (
     MAIN_METRICS, counts_as_result, format_width, lr_points, lr_robustness, metric_value, outcome_label, records_of, run_outcome,
     tolerance_for,

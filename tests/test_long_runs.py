@@ -6,7 +6,6 @@ side by side (main_figures/long_runs.py), end to end on the tiny GPT-2 preset.""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -100,18 +99,36 @@ def test_skip_finished_skips_done_and_diverged_records_only(tmp_path, capsys):
         skip_finished("yes", recorder())
 
 
-@pytest.mark.parametrize("experiment", ["GPT-2", "Mistral-7B", "Mix-of-Show", "Object_Generation"])
-def test_every_experiment_has_resume_auto_and_skip_finished(experiment):
-    conf = REPO_ROOT / experiment / "conf"
-    if experiment == "Mistral-7B":
-        overrides = ["preset=minilm_sst2"]
+SKIPPED = {"GPT-2": ("gpt2_e2e", ["preset=tiny", "run_name=finished"]),
+           "Mistral-7B": ("glue", ["preset=minilm_sst2", "run_name=finished"]),
+           "Object_Generation": ("object_generation", ["preset=tiny", "train.steps=1", "sample.steps=1",
+                                                       "sample.seeds=[0]"]),
+           "Mix-of-Show": ("mix_of_show", ["preset=tiny", "train.steps=1", "sample.steps=1", "sample.seeds=[0]"])}
+
+
+@pytest.mark.parametrize("experiment", list(SKIPPED))
+def test_each_experiment_skips_a_finished_configuration_before_training(experiment, tmp_path, data_root, capsys):
+    """A finished record of the configuration (written here under a fixed run_name; by a first tiny run for the
+    diffusion experiments, whose run name needs the model) stops the run before any training."""
+    record_folder, overrides = SKIPPED[experiment]
+    train = load_module(REPO_ROOT / experiment / "train.py", f"skip_{record_folder}_train")
+
+    def config(*more):
+        with initialize_config_dir(config_dir=str(REPO_ROOT / experiment / "conf"), version_base="1.3"):
+            return compose("config", overrides=[*overrides, f"results_dir={tmp_path}", *more])
+
+    if "run_name=finished" in overrides:
+        RunRecorder(tmp_path, record_folder, "adamw", {"lr": 1e-3}, 0, run_name="finished").finish({"x": 0.5})
     else:
-        overrides = []
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        cfg = compose("config", overrides=[*overrides, "resume=auto", "skip_finished=true"])
-    assert cfg.resume == "auto" and cfg.skip_finished is True
-    source = (REPO_ROOT / experiment / "train.py").read_text()
-    assert "skip_finished(cfg.skip_finished, recorder)" in source
+        train.main(config())
+    [path] = (tmp_path / record_folder).glob("*.json")
+    before = path.read_text()
+    capsys.readouterr()
+    result = train.main(config("skip_finished=true", "checkpoint.every=1"))
+    assert result != result  # nan: nothing ran
+    assert f"skip_finished: {path} is finished (done); not run again" in capsys.readouterr().out
+    assert path.read_text() == before and list((tmp_path / record_folder).glob("*.json")) == [path]
+    assert not (tmp_path / record_folder / "checkpoints").exists()  # no checkpoint: training never started
 
 
 # ------------------------------------------------------------------------------------------------ presets, sweeps
