@@ -177,8 +177,8 @@ class RunCheckpoints:
 
     prefix = "step-"
 
-    def __init__(self, folder: str | os.PathLike, *, every: int | None = None, keep: int = 2, resume: bool | str = False,
-                 config: dict | None = None, world_size: int = 1, main: bool = True):
+    def __init__(self, folder: str | os.PathLike, *, every: int | None = None, keep: int = 2,
+                 resume: bool | str = False, config: dict | None = None, world_size: int = 1, main: bool = True):
         self.every, self.keep, self.resume = _settings(every, keep, resume)
         self.folder, self.config, self.world_size, self.main = Path(folder), config or {}, world_size, main
         self.resume_from, self.resumed_step = self._resume_point()  # (None, 0) for a fresh run

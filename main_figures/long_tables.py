@@ -19,8 +19,8 @@ from typing import Iterable
 
 from main_figures.long_runs import EXPERIMENTS, sweep_params
 from main_figures.metrics import (
-    MAIN_METRICS, counts_as_result, format_width, lr_points, lr_robustness, metric_value, outcome_label, records_of, run_outcome,
-    tolerance_for,
+    MAIN_METRICS, counts_as_result, format_width, lr_points, lr_robustness, metric_value, outcome_label, records_of,
+    run_outcome, tolerance_for,
 )  # fmt: skip
 
 ROOT = Path(__file__).resolve().parents[1]

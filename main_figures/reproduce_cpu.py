@@ -10,8 +10,8 @@
 Each step runs the experiment's own committed command (a script in its folder) as a subprocess from the repository
 root, streaming its progress bars. A failing step stops the reproduction with its exit status and the command to
 resume from it. The optional ``long_*`` steps (:mod:`main_figures.long_runs`) run their jobs as two processes
-side by side and skip finished configurations, so re-running a stopped one continues it. Records go to ``results/`` (re-running a configuration replaces its record), figures and tables to
-``main_figures/out/``.
+side by side and skip finished configurations, so re-running a stopped one continues it. Records go to
+``results/`` (re-running a configuration replaces its record), figures and tables to ``main_figures/out/``.
 """
 
 from __future__ import annotations
