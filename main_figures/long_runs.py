@@ -106,13 +106,14 @@ def halves(jobs: list) -> tuple[list, list]:
 
 
 def _grid(optimizers: str, lrs: str, seed: int) -> dict[str, str]:
+    """A sweep narrowed to these optimizers, rates and seed; the jobs run in this order (the likely best first)."""
     return {"optim": optimizers, "optim.lr": lrs, "seed": str(seed)}
 
 
 # Sized by the measured cost of one run (README "Long CPU runs"): at most an hour each, about 4 hours in all.
 LONG_STEPS: tuple[LongStep, ...] = (
-    LongStep("long_e2e_lr_a", "SmolLM2 on E2E, 100 steps: AdamW vs scaled AdamW (gradient) at lr 1e-4, 1e-3, 1e-2, "
-             "seed 110", "gpt2_e2e", (Part("long_lr", _grid("adamw,scaled_adamw", "1e-4,1e-3,1e-2", 110)),)),
+    LongStep("long_e2e_lr_a", "SmolLM2 on E2E, 100 steps: AdamW vs scaled AdamW (gradient) at lr 1e-3, 1e-2, 1e-4, "
+             "seed 110", "gpt2_e2e", (Part("long_lr", _grid("adamw,scaled_adamw", "1e-3,1e-2,1e-4", 110)),)),
     LongStep("long_e2e_lr_b", "SmolLM2 on E2E, 100 steps: AdamW vs scaled AdamW (gradient) at lr 1e-5, 3e-4, 3e-3, "
              "seed 110", "gpt2_e2e", (Part("long_lr", _grid("adamw,scaled_adamw", "1e-5,3e-4,3e-3", 110)),)),
     LongStep("long_e2e_lr_c", "SmolLM2 on E2E, 100 steps: AdamW vs scaled AdamW (gradient) at lr 3e-5, seed 110",

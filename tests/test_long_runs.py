@@ -185,7 +185,7 @@ def test_sweep_jobs_expand_and_narrow_like_hydra(tmp_path):
 # each long step's jobs, as README "Long CPU runs" lists them: (optimizer[/variant], lrs, seed)
 BOTH = {"adamw", "scaled_adamw"}
 README_STEPS = {
-    "long_e2e_lr_a": (BOTH, ["1e-4", "1e-3", "1e-2"], 110),
+    "long_e2e_lr_a": (BOTH, ["1e-3", "1e-2", "1e-4"], 110),
     "long_e2e_lr_b": (BOTH, ["1e-5", "3e-4", "3e-3"], 110),
     "long_e2e_lr_c": (BOTH, ["3e-5"], 110),
     "long_sst2_lr_a": (BOTH, ["1e-5", "1e-4", "1e-3", "1e-2"], 42),
