@@ -313,3 +313,20 @@ def test_long_table_says_complete_only_when_every_planned_run_is_there(tmp_path,
     assert "2 of the 3 planned runs are present (partial grid)" in long_tables.long_table(tmp_path, "glue")
     _long_record(tmp_path, "lora_rite", 3e-3, 42, 0.7)
     assert "3 of the 3 planned runs are present (complete)" in long_tables.long_table(tmp_path, "glue")
+
+
+def test_loss_curves_of_sgd_vs_scaled_gd_over_the_whole_run(tmp_path):
+    from main_figures.long_tables import loss_curves_figure
+
+    with pytest.raises(LookupError, match="sweep=minilm_long_curves skip_finished=true resume=auto"):
+        loss_curves_figure(tmp_path, "glue", tmp_path / "curves.png")
+    for optimizer in ("sgd", "scaled_gd"):
+        for lr in (0.3, 1.0, 3.0):
+            recorder = RunRecorder(tmp_path, "glue", optimizer, {"lr": lr}, 42, config={"lr": lr},
+                                   tags={"preset": "minilm_long", "task": "sst2"})
+            with recorder:
+                for step in range(25, 1001, 25):
+                    recorder.log_step(step, loss=0.7 / (1 + step * lr / 1000))
+                recorder.finish({"accuracy": 0.8})
+    out = loss_curves_figure(tmp_path, "glue", tmp_path / "curves.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
