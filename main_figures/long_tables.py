@@ -201,5 +201,5 @@ def loss_curves_figure(results_dir: str | Path, experiment: str, out_png: str | 
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("training loss")
-    fig.suptitle(f"{long.title}: SGD vs scaled GD")
+    fig.suptitle(f"{long.title}: SGD vs scaled GD", y=1.03)
     return savefig(fig, out_png)
