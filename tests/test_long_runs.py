@@ -330,3 +330,12 @@ def test_loss_curves_of_sgd_vs_scaled_gd_over_the_whole_run(tmp_path):
                 recorder.finish({"accuracy": 0.8})
     out = loss_curves_figure(tmp_path, "glue", tmp_path / "curves.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_table2_keeps_the_update_variant_of_scaled_adamw_apart(tmp_path):
+    make_table = load_module(REPO_ROOT / "Mistral-7B" / "make_table.py", "long_make_table").make_table
+    _long_record(tmp_path, "scaled_adamw", 1e-3, 42, 0.83)
+    _long_record(tmp_path, "scaled_adamw", 1e-3, 42, 0.60, variant="update")
+    rows = {ln.split("|")[1].strip(): ln for ln in make_table(tmp_path).splitlines()
+            if ln.startswith("| ") and "optimizer" not in ln}
+    assert "83.0 @ 0.001" in rows["scaled_adamw"] and "60.0 @ 0.001" in rows["scaled_adamw (update)"]
