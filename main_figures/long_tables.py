@@ -105,7 +105,7 @@ def _key(record) -> tuple[float, int]:
 
 
 def _fmt(value: float, scale: float) -> str:
-    return f"{value * scale:.2f}" if math.isfinite(value) else "-"
+    return f"{value * scale:.{2 if scale != 1 else 3}f}" if math.isfinite(value) else "-"
 
 
 def long_table(results_dir: str | Path, experiment: str, root: Path = ROOT) -> str:
@@ -162,7 +162,29 @@ def long_table(results_dir: str | Path, experiment: str, root: Path = ROOT) -> s
                      f"{format_width(row)} | {_flat_cell(at_best, long.valid_loss)} | {bad_cell} |")
     if unplanned:
         lines += ["", f"Rows not in the planned long sweeps: {', '.join(unplanned)}."]
+    lines += _per_rate(points, planned, scale)
     return "\n".join(lines) + "\n"
+
+
+def _per_rate(points: dict, planned: dict, scale: float) -> list[str]:
+    """Mean over seeds at each planned rate of the optimizers that have runs (a blank: not run yet)."""
+    rates = sorted({lr for label in points for lr, _ in planned.get(label, ())} | {
+        p.lr for pts in points.values() for p in pts})
+    if not points:
+        return []
+    lines = ["", "Per rate (mean over the seeds that are done; blank: not run yet):", "",
+             "| optimizer | " + " | ".join(f"{lr:g}" for lr in rates) + " |", "|---" * (len(rates) + 1) + "|"]
+    for label, pts in points.items():
+        by_lr = {p.lr: p for p in pts}
+        cells = []
+        for lr in rates:
+            p = by_lr.get(lr)
+            if p is None or not p.runs:
+                cells.append("running" if p is not None and p.left_out else "")
+            else:
+                cells.append(_fmt(p.mean, scale) + (f" ({p.diverged} diverged)" if p.diverged else ""))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def long_tables(results_dir: str | Path, root: Path = ROOT) -> str:

@@ -290,9 +290,11 @@ def test_long_table_marks_a_partial_grid_diverged_runs_and_the_flattening(tmp_pa
     _long_record(tmp_path, "scaled_adamw", 3e-3, 42, 0.805)
     _long_record(tmp_path, "scaled_adamw", 1e-2, 42, status="running")
     _long_record(tmp_path, "scaled_adamw", 1e-3, 42, 0.5, variant="update")
-    table = long_table(tmp_path, "glue")
+    table, per_rate = long_table(tmp_path, "glue").split("Per rate")
     assert "**7 of the 96 planned runs are present (partial grid).**" in table
     rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert "| adamw |  |  | 60.00 |  | 81.00 |  | - (1 diverged) |" in per_rate
+    assert "| scaled_adamw |  |  |  |  | 81.00 | 80.50 | running |" in per_rate
     assert rows["adamw"].startswith("| adamw | 4 / 21 | 3 of 7 | 0.001 | 81.00 ± 1.41 (2) | 0.00 |")
     assert "yes (+0.2%)" in rows["adamw"] and "lr 0.01 seed 42: diverged@5" in rows["adamw"]
     assert rows["scaled_adamw"].startswith("| scaled_adamw | 2 / 21 | 2 of 7 | 0.001 | 81.00 (1 seed) | ≥ 0.48 |")
