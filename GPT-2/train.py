@@ -123,7 +123,7 @@ def make_recorder(cfg: DictConfig, launch: dict | None = None) -> harness.RunRec
         config=OmegaConf.to_container(cfg, resolve=True), launch=launch,
         tags=harness.record_tags(OmegaConf.to_container(cfg.tags, resolve=True), launch),
         run_name=cfg.run_name, wandb=OmegaConf.to_container(cfg.wandb) if cfg.wandb else None,
-        resume=bool(cfg.resume),
+        resume=cfg.resume,
     )  # fmt: skip
 
 
@@ -135,6 +135,8 @@ def main(cfg: DictConfig) -> float:
     accelerator = harness.make_accelerator()  # stops on a launch that would not join its processes
     launch = harness.launch_info(accelerator.num_processes, int(cfg.train.batch_size))
     recorder = make_recorder(cfg, launch) if accelerator.is_main_process else None
+    if harness.skip_finished(cfg.skip_finished, recorder):  # skip_finished=true: a finished configuration stops here
+        return math.nan
     if recorder is not None:
         recorder.check_can_start()  # another run of this configuration stops here, before anything is loaded
     # resume=true/false and the checkpoints of this run are checked now, before anything is loaded

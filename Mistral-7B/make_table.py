@@ -91,11 +91,17 @@ def _table(title: str, header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
 
 
+def _row_name(record) -> str:
+    """The optimizer, with scaled AdamW's update variant a row of its own (the gradient variant is the default)."""
+    variant = record.hparams.get("variant", "gradient")
+    return record.optimizer + ("" if variant == "gradient" else f" ({variant})")
+
+
 def make_table(results_dir: str | Path = RESULTS, preset: str | None = None) -> str:
     """Table 2: optimizers x tasks + average, one markdown table per preset (cell: score @ tuned lr, reg)."""
     records = _records(results_dir, None if preset is None else (preset,))
     by_preset = _group([r for r in records if preset or r.tags.get("preset") not in SENSITIVITY_PRESETS],
-                       lambda r: r.tags.get("preset", "?"), lambda r: r.optimizer)
+                       lambda r: r.tags.get("preset", "?"), _row_name)
     blocks = []
     for name, by_optim in sorted(by_preset.items()):
         tasks = [t for t in GLUE_TASKS if any(r.tags["task"] == t for rs in by_optim.values() for r in rs)]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import math
 import sys
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from glue_metrics import compute_metrics_fn, primary_metric  # noqa: E402
 from core import NonFiniteGradientError, trainer_optimizer  # noqa: E402
 from harness import (  # noqa: E402
     RecorderCallback, RunRecorder, TrainerCheckpoints, build_optimizer, check_launch, checkpoint_folder, is_local_path,
-    launch_info, needs_cpu_backend, record_tags, require_path, require_writable_folder, seed_everything,
+    launch_info, needs_cpu_backend, record_tags, require_path, require_writable_folder, seed_everything, skip_finished,
 )  # fmt: skip
 
 EXPERIMENT = "glue"
@@ -204,7 +205,10 @@ def train(cfg: DictConfig) -> float:
             cfg.results_dir, experiment=EXPERIMENT, optimizer=optim["name"],
             hparams=hparams, seed=cfg.seed, config=OmegaConf.to_container(cfg, resolve=True), launch=launch,
             tags=record_tags(OmegaConf.to_container(cfg.tags, resolve=True), launch), run_name=cfg.run_name or None,
-            wandb=OmegaConf.to_container(cfg.wandb) if cfg.wandb else None, resume=bool(cfg.resume))
+            wandb=OmegaConf.to_container(cfg.wandb) if cfg.wandb else None, resume=cfg.resume)
+    if skip_finished(cfg.skip_finished, recorder):  # skip_finished=true: a finished configuration stops here
+        return math.nan
+    if recorder is not None:
         recorder.check_can_start()  # another run of this configuration stops here, before anything is loaded
     # resume=true/false and the checkpoints of this run are checked now, before anything is loaded
     checkpoints = TrainerCheckpoints.from_config(cfg, checkpoint_folder(recorder), world_size=processes.num_processes,
@@ -220,7 +224,8 @@ def train(cfg: DictConfig) -> float:
         gradient_accumulation_steps=cfg.train.grad_accum, num_train_epochs=cfg.train.epochs,
         max_steps=cfg.train.max_steps, learning_rate=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
         max_grad_norm=cfg.train.max_grad_norm, logging_steps=cfg.train.logging_steps,
-        eval_strategy=cfg.train.eval_strategy, bf16=cfg.train.bf16, dataloader_num_workers=cfg.train.num_workers,
+        eval_strategy=cfg.train.eval_strategy, eval_steps=cfg.train.eval_steps,
+        bf16=cfg.train.bf16, dataloader_num_workers=cfg.train.num_workers,
         lr_scheduler_type=cfg.train.scheduler, warmup_steps=cfg.train.warmup_ratio,  # < 1: a fraction of the steps
         use_cpu=use_cpu)
     # Trainer builds it (build_optimizer(model, name, **hparams)) over the model it trains, then its scheduler

@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 import edlora
 from core import build_optimizer
 from harness import diffusion as D
-from harness import Checkpointer, ResumableDataset, checkpoint_folder, train_loop
+from harness import Checkpointer, ResumableDataset, checkpoint_folder, skip_finished, train_loop
 
 EXPERIMENT = "mix_of_show"
 
@@ -64,6 +64,8 @@ def main(cfg: DictConfig) -> float:
     recorder = D.make_recorder(
         cfg, EXPERIMENT, name, hparams, results_dir, accelerator, layers=num_layers,
         embedding_lr=cfg.edlora.embedding_lr if cfg.edlora.train_embeddings else 0.0)
+    if skip_finished(cfg.skip_finished, recorder):  # skip_finished=true: a finished configuration stops here
+        return math.nan
     checkpointer = Checkpointer.from_config(cfg, checkpoint_folder(recorder), accelerator)  # resume rules checked
     optimizer = build_optimizer(model, name, group_overrides=overrides, **hparams)
     counts = D.trainable_counts(model, optimizer)  # recorded: LoRA + token embedding, LoRA pairs

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from core import build_optimizer
 from harness import diffusion as D
-from harness import Checkpointer, ResumableDataset, checkpoint_folder, train_loop
+from harness import Checkpointer, ResumableDataset, checkpoint_folder, skip_finished, train_loop
 
 EXPERIMENT = "object_generation"
 
@@ -50,6 +50,8 @@ def main(cfg: DictConfig) -> float:
     name, hparams, overrides = D.optimizer_settings(
         OmegaConf.to_container(cfg.optim, resolve=True), cfg.unet_lr, cfg.text_lr, cfg.unet_reg, cfg.text_reg)
     recorder = D.make_recorder(cfg, EXPERIMENT, name, hparams, results_dir, accelerator)
+    if skip_finished(cfg.skip_finished, recorder):  # skip_finished=true: a finished configuration stops here
+        return math.nan
     checkpointer = Checkpointer.from_config(cfg, checkpoint_folder(recorder), accelerator)  # resume rules checked
     optimizer = build_optimizer(model, name, group_overrides=overrides, **hparams)
     counts = D.trainable_counts(model, optimizer)  # recorded: LoRA + token embedding, LoRA pairs

@@ -21,7 +21,7 @@ from .paths import REPO_ROOT, default_data_root, is_local_path, require_path, re
 from .peers import build_peer
 from .records import (
     SCHEMA_VERSION, RecordLockedError, RunInterrupted, RunRecord, RunRecorder, config_hash, default_run_name,
-    hardware_info, load_records,
+    hardware_info, load_records, skip_finished,
 )  # fmt: skip
 from .resolvers import register_resolvers
 from .seeding import seed_everything
@@ -31,7 +31,7 @@ register_resolvers()
 __all__ = [
     "build_optimizer", "trainer_optimizer", "OPTIMIZER_NAMES", "PEER_NAMES", "ALL_OPTIMIZERS", "HPARAMS", "build_peer",
     "RunRecorder", "RunRecord", "load_records", "hardware_info", "default_run_name", "config_hash", "SCHEMA_VERSION",
-    "RecordLockedError", "RunInterrupted",
+    "RecordLockedError", "RunInterrupted", "skip_finished",
     "train_loop", "RecorderCallback", "TrainingDiverged",
     "make_accelerator", "check_launch", "needs_cpu_backend", "launch_info", "record_tags",
     "Checkpointer", "TrainerCheckpoints", "RunCheckpoints", "ResumableDataset", "checkpoint_folder", "trainable_state",

@@ -10,8 +10,10 @@ A run's checkpoints live in ``<results_dir>/<experiment>/checkpoints/<run_name>/
 
 * :class:`RunCheckpoints`: such a folder and the rules of the ``resume`` key: ``resume=true`` continues from the
   latest complete checkpoint (an error if there is none, or if its config differs from the run's in any key other
-  than ``resume``, ``checkpoint`` and ``wandb``); ``resume=false`` refuses to start when checkpoints of the run
-  exist (nothing of a user's is deleted or overwritten by a new run);
+  than ``resume``, ``skip_finished``, ``checkpoint`` and ``wandb``); ``resume=false`` refuses to start when
+  checkpoints of the run exist (nothing of a user's is deleted or overwritten by a new run); ``resume=auto``
+  continues from the latest complete checkpoint when there is one and starts afresh otherwise (what re-running a
+  killed sweep needs: every run of it continues where it stood);
 * :class:`Checkpointer`: what :func:`harness.train_loop` saves every ``checkpoint.every`` optimizer steps and resumes
   from: the trainable parameters (not the frozen base), the optimizer, the scheduler, the RNG states (Python, NumPy,
   torch CPU and CUDA), the data position and the record so far, plus any object :meth:`Checkpointer.register`-ed;
@@ -50,7 +52,7 @@ __all__ = [
 FORMAT = 1
 MANIFEST = "manifest.json"
 LATEST = "latest"
-IGNORED_KEYS = ("resume", "checkpoint", "wandb")  # config keys a resumed run may change: they do not change results
+IGNORED_KEYS = ("resume", "skip_finished", "checkpoint", "wandb")  # keys a resumed run may change: not its results
 WEIGHTS = "model.safetensors"  # the trainable parameters, named as accelerate names a model's weights
 OPTIMIZER = "optimizer.bin"  # the optimizer, named as accelerate names it (the run without an accelerator)
 
@@ -147,8 +149,8 @@ def _settings(every: Any, keep: Any, resume: Any) -> tuple[int | None, int, bool
         raise ValueError(f"checkpoint.every must be a number of optimizer steps >= 0 or null, got {every!r}")
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
         raise ValueError(f"checkpoint.keep must be a number of checkpoints >= 1, got {keep!r}")
-    if not isinstance(resume, bool):
-        raise ValueError(f"resume must be true or false, got {resume!r}")
+    if not (isinstance(resume, bool) or resume == "auto"):
+        raise ValueError(f"resume must be true, false or auto, got {resume!r}")
     return every or None, keep, resume
 
 
@@ -160,13 +162,16 @@ class RunCheckpoints:
         folder: ``<results_dir>/<experiment>/checkpoints/<run_name>/`` (:func:`checkpoint_folder`).
         every: save every this many optimizer steps (``None`` or 0: never).
         keep: complete checkpoints kept (the oldest are removed once a newer one is complete).
-        resume: continue from the latest complete checkpoint; else refuse to start when checkpoints exist.
+        resume: ``True``: continue from the latest complete checkpoint (an error without one); ``False``: refuse
+            to start when checkpoints exist; ``"auto"``: continue from the latest complete checkpoint when there is
+            one, else start afresh (removing the leftovers of a save that was cut short, which were never complete).
         config: the run's resolved config, stored with each checkpoint and compared on resume.
         world_size: processes of the run (a checkpoint resumes only with as many).
         main: whether this is the process that writes the shared files (the folder's bookkeeping).
 
     On construction, before any work: ``resume=false`` with checkpoints of the run in ``folder`` is a
-    ``FileExistsError``; ``resume=true`` without a complete one a ``FileNotFoundError``; a checkpoint whose
+    ``FileExistsError``; ``resume=true`` without a complete one a ``FileNotFoundError`` (``resume="auto"`` starts
+    afresh then); a checkpoint whose
     files do not match its manifest, or whose config differs in a key that changes results (anything but
     :data:`IGNORED_KEYS`), or that was written by another number of processes, a ``ValueError`` naming it.
     Leftovers of a save that was cut short are removed then (they were never complete).
@@ -174,8 +179,8 @@ class RunCheckpoints:
 
     prefix = "step-"
 
-    def __init__(self, folder: str | os.PathLike, *, every: int | None = None, keep: int = 2, resume: bool = False,
-                 config: dict | None = None, world_size: int = 1, main: bool = True):
+    def __init__(self, folder: str | os.PathLike, *, every: int | None = None, keep: int = 2,
+                 resume: bool | str = False, config: dict | None = None, world_size: int = 1, main: bool = True):
         self.every, self.keep, self.resume = _settings(every, keep, resume)
         self.folder, self.config, self.world_size, self.main = Path(folder), config or {}, world_size, main
         if self.every and self.main:  # a folder that cannot be written would fail at the first save, after training
@@ -236,6 +241,13 @@ class RunCheckpoints:
                 hint = "resume=true continues it, or remove" if complete else "remove"
                 raise FileExistsError(f"this run already has {what} in '{self.folder}': {hint} that folder to "
                                       "start afresh (a new run never deletes a run's checkpoints)")
+            return None, 0
+        if not complete and self.resume == "auto":
+            if self.main:
+                for leftover in incomplete:
+                    print(f"removing {leftover}: a checkpoint whose save was cut short")
+                    shutil.rmtree(leftover)
+                print(f"resume=auto: no complete checkpoint in '{self.folder}', starting afresh")
             return None, 0
         if not complete:
             raise FileNotFoundError(f"resume=true, but '{self.folder}' holds no complete checkpoint of this run"

@@ -31,7 +31,11 @@ One run per record at a time. Starting a run creates ``<run_name>.lock`` beside 
 the same record stops before any work with :class:`RecordLockedError`; a lock left by a killed process is reported
 as stale, with the command that removes it, and is never removed silently: only a resumed run
 (``RunRecorder(..., resume=True)``, the experiments' ``resume=true``) takes over the lock of a process of this host
-that is gone, and says so.
+that is gone, and says so (``resume="auto"`` too, so a killed sweep re-run with it continues or restarts each run).
+
+Re-running a sweep. :func:`skip_finished` (the experiments' ``skip_finished=true``) stops a run whose configuration
+already has a finished record (``done`` or ``diverged``) before any work, printing the record's path: the same sweep
+command runs only what is missing.
 
 Finished records are kept until a finished run replaces them. A run whose record exists and is finished (``done``,
 ``diverged``, or a record written before ``status`` existed) works under ``<run_name>.pending.json`` (its files
@@ -72,7 +76,7 @@ import torch
 __all__ = [
     "RunRecord", "RunRecorder", "load_records", "hardware_info", "default_run_name", "config_hash", "SCHEMA_VERSION",
     "READABLE_SCHEMA_VERSIONS", "InvalidRecordWarning", "RUN_STATUSES", "FINISHED_STATUSES", "HASH_EXCLUDED_KEYS",
-    "RecordLockedError", "RunInterrupted", "run_slug",
+    "RecordLockedError", "RunInterrupted", "run_slug", "skip_finished",
 ]  # fmt: skip
 
 SCHEMA_VERSION = 2
@@ -92,6 +96,7 @@ HASH_EXCLUDED_KEYS = (
     "threads",  # torch CPU threads
     "checkpoint",  # checkpoint settings (folder, frequency)
     "resume",  # what to resume from
+    "skip_finished",  # whether a finished configuration is run again
     "hydra",  # Hydra's own settings (run folder, job name), when a config carries them
 )
 
@@ -341,10 +346,12 @@ class RunRecorder:
         run_name: str | None = None,
         wandb: dict[str, Any] | bool | None = None,
         launch: dict[str, Any] | None = None,
-        resume: bool = False,
+        resume: bool | str = False,
     ):
         tags = dict(tags or {})
-        self.resume = bool(resume)
+        if not (isinstance(resume, bool) or resume == "auto"):
+            raise ValueError(f"resume must be true, false or auto, got {resume!r}")
+        self.resume = bool(resume)  # true and auto both continue a run a kill left behind (its stale lock)
         self.record = RunRecord(
             experiment=experiment, optimizer=optimizer, hparams=_plain(dict(hparams)), seed=int(seed),
             config=_plain(dict(config or {})), tags=_plain(tags), launch=_plain(dict(launch or {})),
@@ -401,6 +408,13 @@ class RunRecorder:
         return self._write_path or self.path
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
+
+    def finished_record(self) -> Path | None:
+        """:attr:`path` when it holds a finished run of this configuration (``done``, ``diverged`` or a schema-1
+        record), else ``None`` (no record, or one that is ``running``, ``failed`` or ``interrupted``)."""
+        if not self.path.exists():
+            return None
+        return self.path if _read_record(self.path).finished else None
 
     def check_can_start(self) -> None:
         """Raise what :meth:`start` would raise, without taking the lock: :class:`RecordLockedError` when the record
@@ -617,6 +631,26 @@ class RunRecorder:
         path = path or self.write_path
         path.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write_text(path, json.dumps(dataclasses.asdict(record), indent=1) + "\n")
+
+
+def skip_finished(enabled: Any, recorder: RunRecorder | None) -> Path | None:
+    """The experiments' ``skip_finished`` key: with ``enabled`` and a finished record of this configuration
+    (:meth:`RunRecorder.finished_record`), print its path and return it (the run then stops before any work and
+    exits 0); else ``None``. Under several processes where only the main one holds a recorder (``None`` elsewhere),
+    every process gets the main one's answer (broadcast over ``torch.distributed``)."""
+    if not isinstance(enabled, bool):
+        raise ValueError(f"skip_finished must be true or false, got {enabled!r}")
+    path = recorder.finished_record() if enabled and recorder is not None else None
+    found = None if path is None else str(path)
+    if enabled and torch.distributed.is_available() and torch.distributed.is_initialized():
+        shared = [found]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        found = shared[0]
+    if found is None:
+        return None
+    if recorder is not None:
+        print(f"skip_finished: {found} is finished ({_read_record(Path(found)).status or 'done'}); not run again")
+    return Path(found)
 
 
 def _raise_interrupted(signum, frame) -> None:

@@ -35,6 +35,7 @@ from main_figures.metrics import records_of  # noqa: E402
 from main_figures.peers import PEER_PRESETS, has_peer_records, peers_table  # noqa: E402
 from main_figures.theory_figures import theory_figure, theory_table  # noqa: E402
 from main_figures import width_figures  # noqa: E402
+from main_figures import long_tables  # noqa: E402
 
 # The commands that produce each experiment's results (shown when they are missing): CPU first, then paper scale.
 PRODUCERS: dict[str, str] = {
@@ -156,6 +157,23 @@ def _peers(results: Path, out: Path) -> None:
     out.write_text(peers_table(results))
 
 
+def _long_table(results: Path, out: Path) -> None:
+    out.write_text(long_tables.long_tables(results))
+
+
+def _long_curves(experiment: str) -> Callable[[Path, Path], None]:
+    def build(results: Path, out: Path) -> None:
+        try:
+            long_tables.loss_curves_figure(results, experiment, out)
+        except LookupError as err:  # no long SGD / scaled GD run yet
+            raise MissingSource(str(err)) from err
+
+    return build
+
+
+LONG_COMMAND = "python main_figures/reproduce_cpu.py --only long_e2e_lr_a,long_sst2_lr_a (README: Long CPU runs)"
+
+
 GPT2 = ("GPT-2", ("figures.py",))
 PRODUCTS: tuple[Product, ...] = (
     Product("table1", "Table 1: GPT-2 on E2E", ("gpt2_e2e",), "table1_gpt2_e2e.md",
@@ -194,6 +212,14 @@ PRODUCTS: tuple[Product, ...] = (
             "lora_scale_glue_table.md", _glue_lora_scale, "main_figures/width_figures.py:glue_lora_scale_table",
             "bash Mistral-7B/scripts/sweep.sh minilm_lora_scale; bash Mistral-7B/scripts/sweep.sh "
             "minilm_lora_scale_rslora"),
+    Product("long_runs", "Long CPU runs: best, robustness, flattening", ("gpt2_e2e", "glue"), "long_runs.md",
+            _long_table, "main_figures/long_tables.py:long_tables", LONG_COMMAND),
+    Product("long_loss_curves_gpt2_e2e", "Long CPU runs: SGD vs scaled GD loss curves (E2E)", ("gpt2_e2e",),
+            "long_loss_curves_gpt2_e2e.png", _long_curves("gpt2_e2e"), "main_figures/long_tables.py:loss_curves_figure",
+            "python GPT-2/train.py -m sweep=long_curves skip_finished=true resume=auto"),
+    Product("long_loss_curves_glue", "Long CPU runs: SGD vs scaled GD loss curves (SST-2)", ("glue",),
+            "long_loss_curves_glue.png", _long_curves("glue"), "main_figures/long_tables.py:loss_curves_figure",
+            "python Mistral-7B/train.py -m sweep=minilm_long_curves skip_finished=true resume=auto"),
     Product("peers", "Peers side by side (small presets)", tuple(e for e, _, _ in PEER_PRESETS), "peers.md", _peers,
             "main_figures/peers.py:peers_table"),
 )  # fmt: skip

@@ -3,13 +3,15 @@
     python main_figures/reproduce_cpu.py                      # the default steps, in order (about 45 min)
     python main_figures/reproduce_cpu.py --all                # also the peers, loss curves, runtime, SGD sweep
     python main_figures/reproduce_cpu.py --only theory,figures
+    python main_figures/reproduce_cpu.py --only long_e2e_lr_a,figures   # a long-run step (README: Long CPU runs)
     python main_figures/reproduce_cpu.py --dry-run            # print the commands only
     python main_figures/reproduce_cpu.py --list
 
 Each step runs the experiment's own committed command (a script in its folder) as a subprocess from the repository
 root, streaming its progress bars. A failing step stops the reproduction with its exit status and the command to
-resume from it. Records go to ``results/`` (re-running a configuration replaces its record), figures and tables to
-``main_figures/out/``.
+resume from it. The optional ``long_*`` steps (:mod:`main_figures.long_runs`) run their jobs as two processes
+side by side and skip finished configurations, so re-running a stopped one continues it. Records go to
+``results/`` (re-running a configuration replaces its record), figures and tables to ``main_figures/out/``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the repository root, for main_figures.long_runs
 
 
 @dataclass
@@ -73,7 +76,16 @@ def default_steps(python: str = sys.executable) -> list[Step]:
              [["bash", "Mistral-7B/scripts/sweep.sh", "minilm_lora_scale"],
               ["bash", "Mistral-7B/scripts/sweep.sh", "minilm_lora_scale_rslora"]],
              ["Mistral-7B/scripts/sweep.sh"], default=False),
+        *long_steps(python),
     ]  # fmt: skip
+
+
+def long_steps(python: str = sys.executable) -> list[Step]:
+    """The optional long-run steps of :data:`main_figures.long_runs.LONG_STEPS`, each one driver command."""
+    from main_figures.long_runs import LONG_STEPS
+
+    return [Step(step.name, step.title, [[python, "main_figures/long_runs.py", step.name]],
+                 ["main_figures/long_runs.py", step.script], default=False) for step in LONG_STEPS]
 
 
 class StepFailed(RuntimeError):

@@ -77,7 +77,7 @@ def test_resume_rules_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="step-3 is damaged: weights.bin is 2 bytes, its manifest says 3 bytes"):
         RunCheckpoints(folder, resume=True, config=config)
     for bad, message in (({"every": -1}, "checkpoint.every must be"), ({"keep": 0}, "checkpoint.keep must be"),
-                         ({"resume": "yes"}, "resume must be true or false, got 'yes'")):
+                         ({"resume": "yes"}, "resume must be true, false or auto, got 'yes'")):
         with pytest.raises(ValueError, match=message):
             RunCheckpoints(tmp_path / "other", **bad)
     only_half = RunCheckpoints(tmp_path / "cut", every=1).staging(1)

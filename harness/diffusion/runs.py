@@ -107,7 +107,7 @@ def make_recorder(cfg, experiment: str, optimizer: str, hparams: dict, results_d
         config=OmegaConf.to_container(cfg, resolve=True),
         tags=record_tags({**OmegaConf.to_container(cfg.tags, resolve=True), "concept": cfg.concept.name,
                           "text_lr": cfg.text_lr, **({"variant": cfg.variant} if cfg.variant else {})}, launch),
-        launch=launch, wandb=OmegaConf.to_container(cfg.wandb) if cfg.wandb else None, resume=bool(cfg.resume),
+        launch=launch, wandb=OmegaConf.to_container(cfg.wandb) if cfg.wandb else None, resume=cfg.resume,
     )  # fmt: skip
 
 

@@ -1,0 +1,343 @@
+"""Re-runnable sweeps and the long CPU runs: ``resume=auto`` (continue from the latest complete checkpoint, else start
+afresh, taking over the stale lock of a killed local run), ``skip_finished`` (a finished configuration is not run
+again), the long presets and sweeps as the README lists them, and the driver that runs a step's jobs as two halves
+side by side (main_figures/long_runs.py), end to end on the tiny GPT-2 preset."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from harness import REPO_ROOT, RecordLockedError, RunCheckpoints, RunRecorder, load_module, load_records, skip_finished
+from harness.checkpoint import LATEST, MANIFEST
+from main_figures import long_runs
+from main_figures.long_runs import LONG_STEPS, LongStep, Part, halves, run_step, sweep_jobs
+from main_figures.reproduce_cpu import default_steps, select_steps
+
+config_groups = load_module(REPO_ROOT / "Mistral-7B" / "config_groups.py")
+config_groups.register_config_groups()
+
+
+def _sealed(checkpoints: RunCheckpoints, step: int) -> None:
+    folder = checkpoints.staging(step)
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(checkpoints.config))
+    checkpoints.seal(folder, step)
+
+
+# ------------------------------------------------------------------------------------------------ resume=auto
+def test_resume_auto_continues_from_a_complete_checkpoint_else_starts_afresh(tmp_path, capsys):
+    folder, config = tmp_path / "run", {"optim": {"lr": 1e-3}, "resume": "auto"}
+    fresh = RunCheckpoints(folder, every=2, resume="auto", config=config)
+    assert fresh.resume_from is None and fresh.resumed_step == 0
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):  # resume=true still needs one
+        RunCheckpoints(folder, every=2, resume=True, config=config)
+    cut_short = folder / ".tmp-step-2"
+    cut_short.mkdir(parents=True)
+    assert RunCheckpoints(folder, every=2, resume="auto", config=config).resume_from is None
+    assert not cut_short.exists() and "starting afresh" in capsys.readouterr().out  # never complete: removed
+    _sealed(fresh, 2)
+    _sealed(fresh, 4)
+    resumed = RunCheckpoints(folder, every=2, resume="auto", config={**config, "resume": True, "skip_finished": True})
+    assert resumed.resume_from == folder / "step-4" and resumed.resumed_step == 4
+    with pytest.raises(ValueError, match=r"another configuration \(optim.lr"):  # auto keeps resume=true's checks
+        RunCheckpoints(folder, every=2, resume="auto", config={"optim": {"lr": 1e-2}, "resume": "auto"})
+    with pytest.raises(ValueError, match="resume must be true, false or auto, got 'always'"):
+        RunCheckpoints(folder, every=2, resume="always", config=config)
+    with pytest.raises(ValueError, match="resume must be true, false or auto"):
+        RunRecorder(tmp_path, "exp", "adamw", {"lr": 1e-3}, 0, resume="yes")
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _left_running(tmp_path) -> RunRecorder:
+    """A record left ``running`` by a killed process of this host: its lock names a pid that is gone."""
+    recorder = RunRecorder(tmp_path, "exp", "adamw", {"lr": 1e-3}, 0, config={"x": 1})
+    recorder.start()
+    recorder.lock_path.write_text(json.dumps({"pid": _dead_pid(), "host": socket.gethostname(), "started": "t",
+                                              "command": "train.py"}))  # fmt: skip
+    return recorder
+
+
+def test_resume_auto_replaces_a_running_record_of_a_killed_process(tmp_path, capsys):
+    killed = _left_running(tmp_path)
+    with pytest.raises(RecordLockedError, match="stale lock"):  # without resume the lock stops the run
+        RunRecorder(tmp_path, "exp", "adamw", {"lr": 1e-3}, 0, config={"x": 1}).check_can_start()
+    again = RunRecorder(tmp_path, "exp", "adamw", {"lr": 1e-3}, 0, config={"x": 1}, resume="auto")
+    again.check_can_start()
+    with again:
+        assert "taking over" in capsys.readouterr().err
+        again.finish({"accuracy": 0.5})
+    [record] = load_records(tmp_path, "exp")
+    assert record.run_name == killed.record.run_name and record.status == "done"
+    assert not again.lock_path.exists()
+
+
+# ------------------------------------------------------------------------------------------------ skip_finished
+def test_skip_finished_skips_done_and_diverged_records_only(tmp_path, capsys):
+    def recorder():
+        return RunRecorder(tmp_path, "exp", "adamw", {"lr": 1e-3}, 0, config={"x": 1})
+
+    assert skip_finished(True, recorder()) is None  # no record yet
+    running = recorder().start()
+    assert skip_finished(True, recorder()) is None  # running: not finished
+    running.finish({"diverged_at_step": 3})
+    path = skip_finished(True, recorder())
+    assert path == running.path and f"{path} is finished (diverged)" in capsys.readouterr().out
+    assert skip_finished(False, recorder()) is None  # off: the run replaces the record, as before
+    assert skip_finished(True, None) is None  # the processes without a recorder
+    with pytest.raises(ValueError, match="skip_finished must be true or false, got 'yes'"):
+        skip_finished("yes", recorder())
+
+
+SKIPPED = {"GPT-2": ("gpt2_e2e", ["preset=tiny", "run_name=finished"]),
+           "Mistral-7B": ("glue", ["preset=minilm_sst2", "run_name=finished"]),
+           "Object_Generation": ("object_generation", ["preset=tiny", "train.steps=1", "sample.steps=1",
+                                                       "sample.seeds=[0]"]),
+           "Mix-of-Show": ("mix_of_show", ["preset=tiny", "train.steps=1", "sample.steps=1", "sample.seeds=[0]"])}
+
+
+@pytest.mark.parametrize("experiment", list(SKIPPED))
+def test_each_experiment_skips_a_finished_configuration_before_training(experiment, tmp_path, data_root, capsys):
+    """A finished record of the configuration (written here under a fixed run_name; by a first tiny run for the
+    diffusion experiments, whose run name needs the model) stops the run before any training."""
+    record_folder, overrides = SKIPPED[experiment]
+    train = load_module(REPO_ROOT / experiment / "train.py", f"skip_{record_folder}_train")
+
+    def config(*more):
+        with initialize_config_dir(config_dir=str(REPO_ROOT / experiment / "conf"), version_base="1.3"):
+            return compose("config", overrides=[*overrides, f"results_dir={tmp_path}", *more])
+
+    if "run_name=finished" in overrides:
+        RunRecorder(tmp_path, record_folder, "adamw", {"lr": 1e-3}, 0, run_name="finished").finish({"x": 0.5})
+    else:
+        train.main(config())
+    [path] = (tmp_path / record_folder).glob("*.json")
+    before = path.read_text()
+    capsys.readouterr()
+    result = train.main(config("skip_finished=true", "checkpoint.every=1"))
+    assert result != result  # nan: nothing ran
+    assert f"skip_finished: {path} is finished (done); not run again" in capsys.readouterr().out
+    assert path.read_text() == before and list((tmp_path / record_folder).glob("*.json")) == [path]
+    assert not (tmp_path / record_folder / "checkpoints").exists()  # no checkpoint: training never started
+
+
+# ------------------------------------------------------------------------------------------------ presets, sweeps
+def _compose(experiment: str, job: list[str]):
+    with initialize_config_dir(config_dir=str(REPO_ROOT / experiment / "conf"), version_base="1.3"):
+        return compose("config", overrides=job)
+
+
+def test_long_presets_only_override_the_cpu_presets():
+    e2e, e2e_short = _compose("GPT-2", ["preset=smollm2_long"]), _compose("GPT-2", ["preset=smollm2_cpu"])
+    assert e2e.train.max_steps == 5 * e2e_short.train.max_steps == 100 and e2e.checkpoint.every == 25
+    assert e2e.train.max_steps // e2e.train.eval_every == 10 and e2e.tags.preset == "smollm2_long"
+    assert (e2e.model, e2e.lora, e2e.decode) == (e2e_short.model, e2e_short.lora, e2e_short.decode)
+    sst2, sst2_short = _compose("Mistral-7B", ["preset=minilm_long"]), _compose("Mistral-7B", ["preset=minilm_sst2"])
+    steps = sst2.data.max_train_samples // sst2.train.batch_size
+    assert steps == 1000 >= 3 * sst2_short.data.max_train_samples // sst2_short.train.batch_size
+    assert sst2.train.eval_strategy == "steps" and sst2.train.eval_steps == 250 and sst2.checkpoint.every == 250
+    assert sst2.checkpoint.every % sst2.train.logging_steps == 0 and sst2.tags.preset == "minilm_long"
+    assert (sst2.model, sst2.lora) == (sst2_short.model, sst2_short.lora)
+
+
+GRID = ["1e-5", "3e-5", "1e-4", "3e-4", "1e-3", "3e-3", "1e-2"]
+
+
+def test_long_sweeps_span_three_decades_at_half_decade_points():
+    for experiment, sweep, seeds in (("GPT-2", "long_lr", ["110", "111"]), ("Mistral-7B", "minilm_long_lr",
+                                                                             ["42", "43", "44"])):  # fmt: skip
+        params = long_runs.sweep_params(REPO_ROOT / experiment, sweep)
+        assert params["optim"] == ["adamw", "scaled_adamw", "loraplus"] and params["optim.lr"] == GRID
+        assert params["seed"] == seeds
+        update = long_runs.sweep_params(REPO_ROOT / experiment, sweep.replace("lr", "lr_update"))
+        assert update["+optim.variant"] == ["update"] and update["optim.lr"] == GRID and update["seed"] == seeds
+
+
+def test_sweep_jobs_expand_and_narrow_like_hydra(tmp_path):
+    experiment = tmp_path / "exp"
+    (experiment / "conf" / "sweep").mkdir(parents=True)
+    (experiment / "conf" / "sweep" / "s.yaml").write_text(
+        "hydra:\n  sweeper:\n    params:\n      optim: a,b\n      optim.lr: 1e-3,1e-2\n      seed: 1\n")
+    assert sweep_jobs(experiment, Part("s")) == [
+        ["sweep=s", "optim=a", "optim.lr=1e-3", "seed=1"], ["sweep=s", "optim=a", "optim.lr=1e-2", "seed=1"],
+        ["sweep=s", "optim=b", "optim.lr=1e-3", "seed=1"], ["sweep=s", "optim=b", "optim.lr=1e-2", "seed=1"]]
+    assert sweep_jobs(experiment, Part("s", {"optim": "b"})) == [
+        ["sweep=s", "optim=b", "optim.lr=1e-3", "seed=1"], ["sweep=s", "optim=b", "optim.lr=1e-2", "seed=1"]]
+    with pytest.raises(ValueError, match=r"optim.lr=\['3e-3'\] is not among its values"):
+        sweep_jobs(experiment, Part("s", {"optim.lr": "3e-3"}))
+    with pytest.raises(ValueError, match="does not sweep 'reg'"):
+        sweep_jobs(experiment, Part("s", {"reg": "1"}))
+    with pytest.raises(FileNotFoundError, match=r"no sweep 'nope'.*\['s'\]"):
+        sweep_jobs(experiment, Part("nope"))
+    assert halves([1, 2, 3, 4, 5]) == ([1, 3, 5], [2, 4])
+
+
+# each long step's jobs, as README "Long CPU runs" lists them: (optimizer[/variant], lrs, seed)
+BOTH = {"adamw", "scaled_adamw"}
+README_STEPS = {
+    "long_e2e_lr_a": (BOTH, ["1e-3", "1e-2", "1e-4"], 110),
+    "long_e2e_lr_b": (BOTH, ["1e-5", "3e-4", "3e-3"], 110),
+    "long_e2e_lr_c": (BOTH, ["3e-5"], 110),
+    "long_sst2_lr_a": (BOTH, ["1e-5", "1e-4", "1e-3", "1e-2"], 42),
+    "long_sst2_lr_b": (BOTH, ["3e-5", "3e-4", "3e-3"], 42),
+    "long_sst2_update": ({"scaled_adamw/update"}, GRID, 42),
+}
+
+
+@pytest.mark.parametrize("step", LONG_STEPS, ids=lambda s: s.name)
+def test_each_long_step_runs_the_jobs_the_readme_lists(step):
+    optimizers, lrs, seed = README_STEPS[step.name]
+    experiment = long_runs.EXPERIMENTS[step.experiment]
+    jobs = step.jobs()
+    assert len(jobs) == len(optimizers) * len(lrs) and len({tuple(j) for j in jobs}) == len(jobs)
+    seen = set()
+    for job in jobs:
+        cfg = _compose(experiment, job + list(long_runs.RESUMABLE))
+        assert cfg.tags.preset == {"gpt2_e2e": "smollm2_long", "glue": "minilm_long"}[step.experiment]
+        assert cfg.seed == seed and cfg.resume == "auto" and cfg.skip_finished is True
+        variant = cfg.optim.get("variant")
+        seen.add((cfg.optim.name + (f"/{variant}" if variant else ""), cfg.optim.lr))
+    assert seen == {(o, float(lr)) for o in optimizers for lr in lrs}
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert f"python main_figures/reproduce_cpu.py --only {step.name}" in readme
+    names = [s.name for s in select_steps(default_steps(), step.name)]
+    assert names == [step.name] and step.name not in [s.name for s in select_steps(default_steps(), "")]
+
+
+# ------------------------------------------------------------------------------------------------ the driver
+def test_the_driver_runs_two_halves_then_skips_finished_and_resumes_killed_runs(tmp_path, data_root, capfd):
+    """Two tiny GPT-2 jobs, one per half; then one record is made to look killed after its checkpoint at step 2
+    (left running, a stale lock, its last checkpoint gone): the re-run skips the finished one and resumes the
+    other from step 2 to the same record."""
+    step = LongStep("tiny", "two tiny runs", "gpt2_e2e", (Part("loss_curves", {"optim": "scaled_gd",
+                                                                               "optim.lr": "1e-2,1e-3"}),))
+    extra = ("preset=tiny", f"results_dir={tmp_path}", "checkpoint.every=1", "checkpoint.keep=2",
+             f"hydra.run.dir={tmp_path / 'hydra'}")  # fmt: skip
+    run_step(step, extra=extra)
+    first = capfd.readouterr().out
+    assert "2 jobs as two halves of 1 and 1" in first and "[A] job 1/1 done" in first and "[B] job 1/1 done" in first
+    records = {r.hparams["lr"]: r for r in load_records(tmp_path, "gpt2_e2e")}
+    assert set(records) == {1e-2, 1e-3} and all(r.status == "done" for r in records.values())
+    # the lr 1e-3 run, as a kill right after its checkpoint at step 2 leaves it
+    killed = records[1e-3]
+    checkpoints = tmp_path / "gpt2_e2e" / "checkpoints" / killed.run_name
+    assert (checkpoints / "step-2" / MANIFEST).is_file()
+    for path in (checkpoints / "step-3").iterdir():
+        path.unlink()
+    (checkpoints / "step-3").rmdir()
+    (checkpoints / LATEST).write_text("step-2")
+    path = tmp_path / "gpt2_e2e" / f"{killed.run_name}.json"
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, "status": "running", "steps": data["steps"][:2], "final_metrics": {}}))
+    path.with_suffix(".lock").write_text(json.dumps({"pid": _dead_pid(), "host": socket.gethostname()}))
+    finished = (tmp_path / "gpt2_e2e" / f"{records[1e-2].run_name}.json").read_text()
+    run_step(step, extra=extra)
+    second = capfd.readouterr()
+    assert "is finished (done); not run again" in second.out
+    assert f"resuming from {checkpoints / 'step-2'} (step 2)" in second.out and "taking over" in second.err
+    assert (tmp_path / "gpt2_e2e" / f"{records[1e-2].run_name}.json").read_text() == finished  # untouched
+    resumed = {r.hparams["lr"]: r for r in load_records(tmp_path, "gpt2_e2e")}[1e-3]
+    assert resumed.status == "done" and resumed.steps[-1]["step"] == 3
+    assert [s["loss"] for s in resumed.steps] == [s["loss"] for s in killed.steps]
+    assert resumed.final_metrics == killed.final_metrics
+
+
+def test_the_driver_fails_loudly_naming_the_failed_job(tmp_path, capfd):
+    step = LongStep("broken", "one bad job", "gpt2_e2e", (Part("loss_curves", {"optim": "sgd", "optim.lr": "1e-2"}),))
+    with pytest.raises(RuntimeError, match=r"1 job\(s\) failed.*optim=sgd optim.lr=1e-2.*re-run `python "
+                                           r"main_figures/long_runs.py broken`"):
+        run_step(step, extra=("optim.no_such_key=1", f"results_dir={tmp_path}"))
+    assert "FAILED (exit status 1)" in capfd.readouterr().out
+    assert not list(tmp_path.glob("*/*.json"))  # the job failed before any record
+
+
+# ------------------------------------------------------------------------------------------------ tables
+def _long_record(results, optimizer, lr, seed, accuracy=None, curve=(0.5, 0.45, 0.44, 0.439), diverged_at=None,
+                 variant=None, status="done"):
+    hparams = {"lr": lr, **({"variant": variant} if variant else {})}
+    recorder = RunRecorder(results, "glue", optimizer, hparams, seed, config={"lr": lr},
+                           tags={"preset": "minilm_long", "task": "sst2"})
+    recorder.start()
+    for i, loss in enumerate(curve, 1):
+        recorder.log_metrics(250 * i, validation_loss=loss)
+    if status == "running":
+        return recorder
+    if diverged_at is not None:
+        recorder.finish({"diverged_at_step": diverged_at, "steps": diverged_at})
+    else:
+        recorder.finish({"accuracy": accuracy, "steps": 1000})
+    return recorder
+
+
+def test_long_table_marks_a_partial_grid_diverged_runs_and_the_flattening(tmp_path):
+    from main_figures.long_tables import FLAT_TOLERANCE, long_table, validation_drop
+
+    _long_record(tmp_path, "adamw", 1e-3, 42, 0.80)
+    _long_record(tmp_path, "adamw", 1e-3, 43, 0.82)
+    _long_record(tmp_path, "adamw", 1e-4, 42, 0.60)
+    _long_record(tmp_path, "adamw", 1e-2, 42, diverged_at=5, curve=(0.7,))
+    _long_record(tmp_path, "scaled_adamw", 1e-3, 42, 0.81, curve=(0.6, 0.5, 0.45, 0.40))  # still falling
+    _long_record(tmp_path, "scaled_adamw", 3e-3, 42, 0.805)
+    _long_record(tmp_path, "scaled_adamw", 1e-2, 42, status="running")
+    _long_record(tmp_path, "scaled_adamw", 1e-3, 42, 0.5, variant="update")
+    table, per_rate = long_table(tmp_path, "glue").split("Per rate")
+    assert "**7 of the 96 planned runs are present (partial grid).**" in table
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert "| adamw |  |  | 60.00 |  | 81.00 |  | - (1 diverged) |" in per_rate
+    assert "| scaled_adamw |  |  |  |  | 81.00 | 80.50 | running |" in per_rate
+    assert rows["adamw"].startswith("| adamw | 4 / 21 | 3 of 7 | 0.001 | 81.00 ± 1.41 (2) | 0.00 |")
+    assert "yes (+0.2%)" in rows["adamw"] and "lr 0.01 seed 42: diverged@5" in rows["adamw"]
+    assert rows["scaled_adamw"].startswith("| scaled_adamw | 2 / 21 | 2 of 7 | 0.001 | 81.00 (1 seed) | ≥ 0.48 |")
+    assert "no (+11.1%)" in rows["scaled_adamw"] and "1 running / interrupted" in rows["scaled_adamw"]
+    assert rows["scaled_adamw (update)"].startswith("| scaled_adamw (update) | 1 / 21 |")
+    assert rows["loraplus"] == "| loraplus | 0 / 21 | 7 planned | - | - | - | - | none |"
+    record = load_records(tmp_path, "glue")[0]
+    assert validation_drop(record, "validation_loss") < FLAT_TOLERANCE
+
+
+def test_long_table_says_complete_only_when_every_planned_run_is_there(tmp_path, monkeypatch):
+    from main_figures import long_tables
+
+    monkeypatch.setitem(long_tables.LONG, "glue", long_tables.LongExperiment(
+        "glue", "minilm_long", "t", "validation_loss", ("minilm_long_lora_rite",), "minilm_long_curves"))
+    for lr in (3e-4, 1e-3):
+        _long_record(tmp_path, "lora_rite", lr, 42, 0.7)
+    assert "2 of the 3 planned runs are present (partial grid)" in long_tables.long_table(tmp_path, "glue")
+    _long_record(tmp_path, "lora_rite", 3e-3, 42, 0.7)
+    assert "3 of the 3 planned runs are present (complete)" in long_tables.long_table(tmp_path, "glue")
+
+
+def test_loss_curves_of_sgd_vs_scaled_gd_over_the_whole_run(tmp_path):
+    from main_figures.long_tables import loss_curves_figure
+
+    with pytest.raises(LookupError, match="sweep=minilm_long_curves skip_finished=true resume=auto"):
+        loss_curves_figure(tmp_path, "glue", tmp_path / "curves.png")
+    for optimizer in ("sgd", "scaled_gd"):
+        for lr in (0.3, 1.0, 3.0):
+            recorder = RunRecorder(tmp_path, "glue", optimizer, {"lr": lr}, 42, config={"lr": lr},
+                                   tags={"preset": "minilm_long", "task": "sst2"})
+            with recorder:
+                for step in range(25, 1001, 25):
+                    recorder.log_step(step, loss=0.7 / (1 + step * lr / 1000))
+                recorder.finish({"accuracy": 0.8})
+    out = loss_curves_figure(tmp_path, "glue", tmp_path / "curves.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_table2_keeps_the_update_variant_of_scaled_adamw_apart(tmp_path):
+    make_table = load_module(REPO_ROOT / "Mistral-7B" / "make_table.py", "long_make_table").make_table
+    _long_record(tmp_path, "scaled_adamw", 1e-3, 42, 0.83)
+    _long_record(tmp_path, "scaled_adamw", 1e-3, 42, 0.60, variant="update")
+    rows = {ln.split("|")[1].strip(): ln for ln in make_table(tmp_path).splitlines()
+            if ln.startswith("| ") and "optimizer" not in ln}
+    assert "83.0 @ 0.001" in rows["scaled_adamw"] and "60.0 @ 0.001" in rows["scaled_adamw (update)"]
