@@ -128,7 +128,7 @@ def long_table(results_dir: str | Path, experiment: str, root: Path = ROOT) -> s
     planned_total = sum(len(p) for p in planned.values())
     state = "complete" if present_total == planned_total else "partial grid"
     lines = [f"### {long.title}", "",
-             f"**{present_total} of the {planned_total} planned runs are present ({state}).** Metric: test {metric}"
+             f"**{present_total} of the {planned_total} planned runs are present ({state}).** Metric: {'test' if experiment == 'gpt2_e2e' else 'dev'} {metric}"
              f"{' (x 100)' if scale != 1 else ''}, mean ± std over the seeds that are done at the best rate. "
              f"Robustness: width in decades of the tried rates within {tolerance.text} of the optimizer's own best "
              f"(≥: the interval reaches the end of the tried grid); running runs are in no value. Validation loss "
