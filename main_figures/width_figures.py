@@ -364,11 +364,11 @@ def lora_scale_best(records: Iterable) -> dict[tuple[str, int, float, bool], tup
         for rec in records if (t := rec.tags).get("study") == "lora_scale" and counts_as_result(rec))
 
 
-def glue_lora_scale_best(records: Iterable) -> dict[tuple[str, int, float, bool], tuple[float, BestLr]]:
-    """The same for the GLUE runs of the ``lora_scale`` sweep (MiniLM on SST-2, ``Mistral-7B/conf/sweep/
-    minilm_lora_scale*.yaml``): rank, alpha and rsLoRA from the run's ``lora`` config; the value minimised is the
-    dev error rate, 1 - accuracy (a diverged or failed run is no value)."""
-    items = []
+def _glue_lora_scale_runs(records: Iterable) -> list[tuple[tuple[str, int, float, bool], float, Point]]:
+    """``(setting, s, point)`` of every GLUE run of the ``lora_scale`` sweep that counts as a result: rank, alpha and
+    rsLoRA from the run's ``lora`` config; the point's value is the dev error rate, 1 - accuracy (nan for a
+    diverged or failed run)."""
+    runs = []
     for rec in records:
         if rec.tags.get("sweep") != "lora_scale" or not counts_as_result(rec):
             continue
@@ -379,8 +379,14 @@ def glue_lora_scale_best(records: Iterable) -> dict[tuple[str, int, float, bool]
         accuracy = rec.final_metrics.get("accuracy")
         error = 1.0 - float(accuracy) if run_outcome(rec) == "done" and accuracy is not None else float("nan")
         key = (series, int(lora["r"]), float(lora["alpha"]), bool(tags["rslora"]))
-        items.append((key, _scaling(tags), Point(float(rec.hparams["lr"]), error, float("nan"), run_outcome(rec))))
-    return _best_per_setting(items)
+        runs.append((key, _scaling(tags), Point(float(rec.hparams["lr"]), error, float("nan"), run_outcome(rec))))
+    return runs
+
+
+def glue_lora_scale_best(records: Iterable) -> dict[tuple[str, int, float, bool], tuple[float, BestLr]]:
+    """The same for the GLUE runs of the ``lora_scale`` sweep (MiniLM on SST-2, ``Mistral-7B/conf/sweep/
+    minilm_lora_scale*.yaml``), by the dev error rate (:func:`_glue_lora_scale_runs`)."""
+    return _best_per_setting(_glue_lora_scale_runs(records))
 
 
 def lora_scale_slopes(best: dict) -> dict[str, float]:
@@ -451,17 +457,14 @@ def lora_scale_table(records: Iterable) -> str:
 
 def glue_lora_scale_table(records: Iterable) -> str:
     """Markdown: the same for MiniLM on SST-2 (dev accuracy at the best grid rate)."""
-    best = glue_lora_scale_best(records)
+    runs = _glue_lora_scale_runs(records)
+    best = _best_per_setting(runs)
     if not best:
         raise ValueError("no 'lora_scale' sweep among the GLUE records; run: bash Mistral-7B/scripts/sweep.sh "
                          "minilm_lora_scale, then minilm_lora_scale_rslora")
     tried = defaultdict(set)  # the learning rates each setting has finished runs of: a partial grid shows here
-    for rec in records:
-        if rec.tags.get("sweep") == "lora_scale" and counts_as_result(rec):
-            lora, opt = rec.config["lora"], rec.optimizer
-            series = opt if opt != "scaled_adamw" else f"scaled_adamw_{rec.hparams.get('variant', 'gradient')}"
-            tried[(series, int(lora["r"]), float(lora["alpha"]), bool(lora.get("rslora", False)))].add(
-                float(rec.hparams["lr"]))
+    for key, _, point in runs:
+        tried[key].add(point.lr)
     too_few = sorted(k for k in best if len(tried[k]) < 3)  # no best rate to speak of: listed, not fitted
     best = {k: v for k, v in best.items() if k not in too_few}
     lines = _lora_scale_lines(best, "dev accuracy (learning rates run)", lambda key, b: (
