@@ -125,12 +125,23 @@ LONG_STEPS: tuple[LongStep, ...] = (
              "3e-3, seed 42", "glue", (Part("minilm_long_lr", _grid("adamw,scaled_adamw", "3e-5,3e-4,3e-3", 42)),)),
     LongStep("long_sst2_update", "MiniLM on SST-2, 1000 steps: scaled AdamW (update) at lr 1e-5..1e-2, seed 42",
              "glue", (Part("minilm_long_lr_update", {"seed": "42"}),)),
+    LongStep("long_sst2_seeds", "MiniLM on SST-2, 1000 steps: AdamW vs scaled AdamW (gradient) at lr 1e-3, 3e-3, "
+             "seeds 43, 44", "glue",
+             (Part("minilm_long_lr", {"optim": "adamw,scaled_adamw", "optim.lr": "1e-3,3e-3", "seed": "43,44"}),)),
+    LongStep("long_sst2_curves", "MiniLM on SST-2, 1000 steps: SGD vs scaled GD at lr 0.3, 1, 3, seed 42", "glue",
+             (Part("minilm_long_curves"),)),
+    LongStep("long_sst2_loraplus", "MiniLM on SST-2, 1000 steps: LoRA+ at lr 1e-5..1e-2, seed 42", "glue",
+             (Part("minilm_long_lr", {"optim": "loraplus", "seed": "42"}),)),
+    LongStep("long_sst2_peers", "MiniLM on SST-2, 1000 steps: PEFT's Riemannian optimizer and LoRA-RITE at 3 rates "
+             "around their best, seed 42", "glue",
+             (Part("minilm_long_peft_riemannian"), Part("minilm_long_lora_rite"))),
+    LongStep("long_e2e_curves", "SmolLM2 on E2E, 100 steps: SGD vs scaled GD at lr 1e-2, 3e-2, 1e-1, seed 110",
+             "gpt2_e2e", (Part("long_curves"),)),
 )  # fmt: skip
 # What the steps leave out of the long sweeps, because the measured costs do not fit 4 hours (README "Long CPU
-# runs"): scaled AdamW (update) on E2E, LoRA+, every second and third seed, the tuned peers (long_peft_riemannian,
-# long_lora_rite and their minilm_long_* twins), the SGD vs scaled GD curves (long_curves, minilm_long_curves) and
-# Table 1 (long_table1). Each runs with its -m sweep, e.g.
-#   python GPT-2/train.py -m sweep=long_curves skip_finished=true resume=auto
+# runs"): scaled AdamW (update) and LoRA+ on E2E, every further seed, the tuned peers on E2E (long_peft_riemannian,
+# long_lora_rite) and Table 1 (long_table1). Each runs with its -m sweep, e.g.
+#   python GPT-2/train.py -m sweep=long_table1 skip_finished=true resume=auto
 
 
 def step_named(name: str) -> LongStep:

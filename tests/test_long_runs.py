@@ -182,32 +182,46 @@ def test_sweep_jobs_expand_and_narrow_like_hydra(tmp_path):
     assert halves([1, 2, 3, 4, 5]) == ([1, 3, 5], [2, 4])
 
 
-# each long step's jobs, as README "Long CPU runs" lists them: (optimizer[/variant], lrs, seed)
+# each long step's jobs, as README "Long CPU runs" lists them: (optimizer[/variant], lrs, seeds)
 BOTH = {"adamw", "scaled_adamw"}
 README_STEPS = {
-    "long_e2e_lr_a": (BOTH, ["1e-3", "1e-2", "1e-4"], 110),
-    "long_e2e_lr_b": (BOTH, ["1e-5", "3e-4", "3e-3"], 110),
-    "long_e2e_lr_c": (BOTH, ["3e-5"], 110),
-    "long_sst2_lr_a": (BOTH, ["1e-5", "1e-4", "1e-3", "1e-2"], 42),
-    "long_sst2_lr_b": (BOTH, ["3e-5", "3e-4", "3e-3"], 42),
-    "long_sst2_update": ({"scaled_adamw/update"}, GRID, 42),
+    "long_e2e_lr_a": (BOTH, ["1e-3", "1e-2", "1e-4"], {110}),
+    "long_e2e_lr_b": (BOTH, ["1e-5", "3e-4", "3e-3"], {110}),
+    "long_e2e_lr_c": (BOTH, ["3e-5"], {110}),
+    "long_sst2_lr_a": (BOTH, ["1e-5", "1e-4", "1e-3", "1e-2"], {42}),
+    "long_sst2_lr_b": (BOTH, ["3e-5", "3e-4", "3e-3"], {42}),
+    "long_sst2_update": ({"scaled_adamw/update"}, GRID, {42}),
+    "long_sst2_seeds": (BOTH, ["1e-3", "3e-3"], {43, 44}),
+    "long_sst2_curves": ({"sgd", "scaled_gd"}, ["0.3", "1.0", "3.0"], {42}),
+    "long_sst2_loraplus": ({"loraplus"}, GRID, {42}),
+    "long_e2e_curves": ({"sgd", "scaled_gd"}, ["1e-2", "3e-2", "1e-1"], {110}),
+}
+# a step of several sweeps: each sweep's (optimizer, lrs), one seed
+README_MIXED_STEPS = {
+    "long_sst2_peers": ({("peft_riemannian", lr) for lr in ("1e-3", "3e-3", "1e-2")}
+                        | {("lora_rite", lr) for lr in ("3e-4", "1e-3", "3e-3")}, {42}),
 }
 
 
 @pytest.mark.parametrize("step", LONG_STEPS, ids=lambda s: s.name)
 def test_each_long_step_runs_the_jobs_the_readme_lists(step):
-    optimizers, lrs, seed = README_STEPS[step.name]
+    if step.name in README_MIXED_STEPS:
+        pairs, seeds = README_MIXED_STEPS[step.name]
+        expected = {(o, float(lr), seed) for o, lr in pairs for seed in seeds}
+    else:
+        optimizers, lrs, seeds = README_STEPS[step.name]
+        expected = {(o, float(lr), seed) for o in optimizers for lr in lrs for seed in seeds}
     experiment = long_runs.EXPERIMENTS[step.experiment]
     jobs = step.jobs()
-    assert len(jobs) == len(optimizers) * len(lrs) and len({tuple(j) for j in jobs}) == len(jobs)
+    assert len(jobs) == len(expected) and len({tuple(j) for j in jobs}) == len(jobs)
     seen = set()
     for job in jobs:
         cfg = _compose(experiment, job + list(long_runs.RESUMABLE))
         assert cfg.tags.preset == {"gpt2_e2e": "smollm2_long", "glue": "minilm_long"}[step.experiment]
-        assert cfg.seed == seed and cfg.resume == "auto" and cfg.skip_finished is True
+        assert cfg.resume == "auto" and cfg.skip_finished is True
         variant = cfg.optim.get("variant")
-        seen.add((cfg.optim.name + (f"/{variant}" if variant else ""), cfg.optim.lr))
-    assert seen == {(o, float(lr)) for o in optimizers for lr in lrs}
+        seen.add((cfg.optim.name + (f"/{variant}" if variant else ""), cfg.optim.lr, cfg.seed))
+    assert seen == expected
     readme = (REPO_ROOT / "README.md").read_text()
     assert f"python main_figures/reproduce_cpu.py --only {step.name}" in readme
     names = [s.name for s in select_steps(default_steps(), step.name)]
