@@ -196,10 +196,13 @@ README_STEPS = {
     "long_sst2_loraplus": ({"loraplus"}, GRID, {42}),
     "long_e2e_curves": ({"sgd", "scaled_gd"}, ["1e-2", "3e-2", "1e-1"], {110}),
 }
+# the paper's settings (each optimizer's conf/optim preset), one seed
+PAPER_LRS = {"sgd": "9e-2", "scaled_gd": "2e-2", "adamw": "2e-4", "scaled_adamw": "8e-4"}
 # a step of several sweeps: each sweep's (optimizer, lrs), one seed
 README_MIXED_STEPS = {
     "long_sst2_peers": ({("peft_riemannian", lr) for lr in ("1e-3", "3e-3", "1e-2")}
                         | {("lora_rite", lr) for lr in ("3e-4", "1e-3", "3e-3")}, {42}),
+    "long_e2e_table1": (set(PAPER_LRS.items()), {110}),
 }
 
 
