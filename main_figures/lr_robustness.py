@@ -5,6 +5,7 @@ within the tolerance of its own best (``metrics.lr_robustness``). Works on any e
 from __future__ import annotations
 
 import math
+import textwrap
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -172,7 +173,7 @@ def lr_robustness_figure(records: Iterable, experiment: str, out_png: str | Path
         ax.xaxis.set_minor_formatter(NullFormatter())
         if log_y:
             ax.set_yscale("log")
-        ax.set_title(facet_title(facet), fontsize=9)
+        ax.set_title(textwrap.fill(facet_title(facet), width=46), fontsize=9)  # a panel is about 46 characters wide
         ax.set_xlabel("learning rate")
         ax.set_ylabel(f"final {metric}" + ("" if higher else " (lower is better)"))
         if rob is None:
@@ -183,14 +184,16 @@ def lr_robustness_figure(records: Iterable, experiment: str, out_png: str | Path
             ax.annotate(text, (0, 0), xycoords="axes fraction", xytext=(0, -36 - 9 * i), textcoords="offset points",
                         fontsize=6.5, va="top", color=optimizer_style(opt)["color"] if opt else "black",
                         annotation_clip=False)  # fmt: skip
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.7 / fig.get_figheight()))
-    fig.legend(handles.values(), handles.keys(), loc="upper center", ncol=min(len(handles), 4 if cols == 1 else 7),
-               bbox_to_anchor=(0.5, 1 - 0.35 / fig.get_figheight()), frameon=False)  # fmt: skip
     notes = ["x: a learning rate with a diverged or failed run; pale bar: the interval within the tolerance of the "
              "optimizer's own best",
              "★: the widest interval among the optimizers whose best is within the tolerance of the overall best "
              "(the others: not ranked); widths bounded by the tried grid (≥: the interval reaches its end)"]  # fmt: skip
     if left_out:
         notes.append(f"{left_out} running / interrupted run(s) left out")
+    title_h = 0.16 * (1 + len(notes)) + 0.05  # inches: the title and its notes, then the legend below them
+    height = fig.get_figheight()
+    fig.tight_layout(rect=(0, 0, 1, 1 - (title_h + 0.3) / height))
+    fig.legend(handles.values(), handles.keys(), loc="upper center", ncol=min(len(handles), 4 if cols == 1 else 7),
+               bbox_to_anchor=(0.5, 1 - title_h / height), frameon=False)  # fmt: skip
     fig.suptitle(f"{experiment}: final {metric} vs learning rate\n" + "\n".join(notes), y=1.0, fontsize=8.5)
     return savefig(fig, out_png)
