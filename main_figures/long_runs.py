@@ -123,7 +123,7 @@ LONG_STEPS: tuple[LongStep, ...] = (
              (Part("minilm_long_lr", _grid("adamw,scaled_adamw", "1e-5,1e-4,1e-3,1e-2", 42)),)),
     LongStep("long_sst2_lr_b", "MiniLM on SST-2, 1000 steps: AdamW vs scaled AdamW (gradient) at lr 3e-5, 3e-4, "
              "3e-3, seed 42", "glue", (Part("minilm_long_lr", _grid("adamw,scaled_adamw", "3e-5,3e-4,3e-3", 42)),)),
-    LongStep("long_sst2_update", "MiniLM on SST-2, 1000 steps: scaled AdamW (update) at lr 1e-5..1e-2, seed 42",
+    LongStep("long_sst2_update", "MiniLM on SST-2, 1000 steps: scaled AdamW (update) at lr 1e-5..3e-2, seed 42",
              "glue", (Part("minilm_long_lr_update", {"seed": "42"}),)),
     LongStep("long_sst2_seeds", "MiniLM on SST-2, 1000 steps: AdamW vs scaled AdamW (gradient) at lr 1e-3, 3e-3, "
              "seeds 43, 44", "glue",
