@@ -318,7 +318,7 @@ def test_long_table_marks_a_partial_grid_diverged_runs_and_the_flattening(tmp_pa
     assert "yes (+0.2%)" in rows["adamw"] and "lr 0.01 seed 42: diverged@5" in rows["adamw"]
     assert rows["scaled_adamw"].startswith("| scaled_adamw | 2 / 21 | 2 of 7 | 0.001 | 81.00 (1 seed) | ≥ 0.48 |")
     assert "no (+11.1%)" in rows["scaled_adamw"] and "1 running / interrupted" in rows["scaled_adamw"]
-    assert rows["scaled_adamw (update)"].startswith("| scaled_adamw (update) | 1 / 21 |")
+    assert rows["scaled_adamw (update)"].startswith("| scaled_adamw (update) | 1 / 24 |")
     assert rows["loraplus"] == "| loraplus | 0 / 21 | 7 planned | - | - | - | - | none |"
     record = load_records(tmp_path, "glue")[0]
     assert validation_drop(record, "validation_loss") < FLAT_TOLERANCE
