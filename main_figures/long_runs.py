@@ -137,6 +137,10 @@ LONG_STEPS: tuple[LongStep, ...] = (
              (Part("minilm_long_peft_riemannian"), Part("minilm_long_lora_rite"))),
     LongStep("long_e2e_curves", "SmolLM2 on E2E, 100 steps: SGD vs scaled GD at lr 1e-2, 3e-2, 1e-1, seed 110",
              "gpt2_e2e", (Part("long_curves"),)),
+    LongStep("long_e2e_seeds", "SmolLM2 on E2E, 100 steps: seed 111 of AdamW at lr 3e-4, 1e-3 and scaled AdamW "
+             "(gradient) at lr 1e-3, 1e-2, each optimizer's two best rates at seed 110", "gpt2_e2e",
+             (Part("long_lr", {"optim": "adamw", "optim.lr": "3e-4,1e-3", "seed": "111"}),
+              Part("long_lr", {"optim": "scaled_adamw", "optim.lr": "1e-3,1e-2", "seed": "111"}))),
     LongStep("long_e2e_table1", "SmolLM2 on E2E, 100 steps: Table 1, the paper's four optimizers at the paper's "
              "settings, seed 110", "gpt2_e2e", (Part("long_table1"),)),
 )  # fmt: skip

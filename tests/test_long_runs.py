@@ -205,6 +205,8 @@ README_MIXED_STEPS = {
     "long_sst2_peers": ({("peft_riemannian", lr) for lr in ("1e-3", "3e-3", "1e-2")}
                         | {("lora_rite", lr) for lr in ("3e-4", "1e-3", "3e-3")}, {42}),
     "long_e2e_table1": (set(PAPER_LRS.items()), {110}),
+    "long_e2e_seeds": ({("adamw", "3e-4"), ("adamw", "1e-3"), ("scaled_adamw", "1e-3"), ("scaled_adamw", "1e-2")},
+                       {111}),
 }
 
 
