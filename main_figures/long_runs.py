@@ -110,6 +110,15 @@ def _grid(optimizers: str, lrs: str, seed: int) -> dict[str, str]:
     return {"optim": optimizers, "optim.lr": lrs, "seed": str(seed)}
 
 
+def _variants(seed: int) -> tuple[Part, ...]:
+    """LoRA+ and scaled AdamW (update) over the E2E grid at one seed, the rates near their likely best first (LoRA+
+    below AdamW's best rate, the update variant above it) and the two optimizers alternating between the halves."""
+    return (Part("long_lr", {"optim": "loraplus", "optim.lr": "3e-4,1e-4,1e-3", "seed": str(seed)}),
+            Part("long_lr_update", {"optim.lr": "3e-3,1e-3,1e-2", "seed": str(seed)}),
+            Part("long_lr", {"optim": "loraplus", "optim.lr": "3e-5,3e-3,1e-5,1e-2", "seed": str(seed)}),
+            Part("long_lr_update", {"optim.lr": "3e-4,1e-4,3e-5,1e-5", "seed": str(seed)}))
+
+
 # Sized by the measured cost of one run (README "Long CPU runs"): at most an hour each, about 4 hours in all.
 LONG_STEPS: tuple[LongStep, ...] = (
     LongStep("long_e2e_lr_a", "SmolLM2 on E2E, 100 steps: AdamW vs scaled AdamW (gradient) at lr 1e-3, 1e-2, 1e-4, "
@@ -143,10 +152,37 @@ LONG_STEPS: tuple[LongStep, ...] = (
               Part("long_lr", {"optim": "scaled_adamw", "optim.lr": "1e-3,1e-2", "seed": "111"}))),
     LongStep("long_e2e_table1", "SmolLM2 on E2E, 100 steps: Table 1, the paper's four optimizers at the paper's "
              "settings, seed 110", "gpt2_e2e", (Part("long_table1"),)),
+    LongStep("long_sst2_longer", "MiniLM on SST-2, 3000 steps: AdamW and scaled AdamW (gradient) at lr 1e-3, 3e-3, "
+             "seed 42", "glue",
+             (Part("minilm_longer", {"optim": "adamw", "optim.lr": "1e-3"}),
+              Part("minilm_longer", {"optim": "scaled_adamw", "optim.lr": "3e-3"}),
+              Part("minilm_longer", {"optim": "adamw", "optim.lr": "3e-3"}),
+              Part("minilm_longer", {"optim": "scaled_adamw", "optim.lr": "1e-3"}))),
+    LongStep("long_e2e_seeds_b", "SmolLM2 on E2E, 100 steps: seed 111 of AdamW and scaled AdamW (gradient) at the "
+             "other five rates of the grid", "gpt2_e2e",
+             (Part("long_lr", {"optim": "adamw", "optim.lr": "3e-3,1e-4,1e-2,3e-5,1e-5", "seed": "111"}),
+              Part("long_lr", {"optim": "scaled_adamw", "optim.lr": "3e-4,3e-3,1e-4,3e-5,1e-5", "seed": "111"}))),
+    LongStep("long_e2e_variants", "SmolLM2 on E2E, 100 steps: LoRA+ and scaled AdamW (update) at lr 1e-5..1e-2, "
+             "seed 110", "gpt2_e2e", _variants(110)),
+    LongStep("long_e2e_peers", "SmolLM2 on E2E, 100 steps: PEFT's Riemannian optimizer and LoRA-RITE at 3 rates "
+             "around their best smollm2_cpu rate, seed 110", "gpt2_e2e",
+             (Part("long_peft_riemannian"), Part("long_lora_rite"))),
+    LongStep("long_sst2_seeds_b", "MiniLM on SST-2, 1000 steps: seeds 43, 44 of AdamW and scaled AdamW (gradient) at "
+             "lr 1e-5, 3e-5, 1e-4, 3e-4, 1e-2", "glue",
+             (Part("minilm_long_lr", {"optim": "adamw,scaled_adamw", "optim.lr": "3e-4,1e-2,1e-4,3e-5,1e-5",
+                                      "seed": "43,44"}),)),
+    LongStep("long_e2e_variants_seeds", "SmolLM2 on E2E, 100 steps: seed 111 of LoRA+ and scaled AdamW (update) at "
+             "lr 1e-5..1e-2", "gpt2_e2e", _variants(111)),
+    LongStep("long_sst2_loraplus_seeds", "MiniLM on SST-2, 1000 steps: seeds 43, 44 of LoRA+ at lr 1e-5..1e-2",
+             "glue", (Part("minilm_long_lr", {"optim": "loraplus", "optim.lr": "3e-4,1e-4,1e-3,3e-5,3e-3,1e-5,1e-2",
+                                              "seed": "43,44"}),)),
+    LongStep("long_sst2_update_seeds", "MiniLM on SST-2, 1000 steps: seeds 43, 44 of scaled AdamW (update) at lr "
+             "1e-5..3e-2", "glue",
+             (Part("minilm_long_lr_update", {"optim.lr": "1e-2,3e-3,1e-3,3e-2,3e-4,1e-4,3e-5,1e-5",
+                                             "seed": "43,44"}),)),
 )  # fmt: skip
-# What the steps leave out of the long sweeps, because the measured costs do not fit 4 hours (README "Long CPU
-# runs"): scaled AdamW (update) and LoRA+ on E2E, every further seed, the tuned peers on E2E (long_peft_riemannian,
-# long_lora_rite). Each runs with its -m sweep, e.g.
+# With these steps every run of the long sweeps has a step; together they take longer than 4 hours at the measured
+# costs (README "Long CPU runs" says which ones ran). Each sweep also runs alone, e.g.
 #   python GPT-2/train.py -m sweep=long_lora_rite skip_finished=true resume=auto
 
 

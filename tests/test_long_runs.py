@@ -148,6 +148,10 @@ def test_long_presets_only_override_the_cpu_presets():
     assert sst2.train.eval_strategy == "steps" and sst2.train.eval_steps == 250 and sst2.checkpoint.every == 250
     assert sst2.checkpoint.every % sst2.train.logging_steps == 0 and sst2.tags.preset == "minilm_long"
     assert (sst2.model, sst2.lora) == (sst2_short.model, sst2_short.lora)
+    longer = _compose("Mistral-7B", ["preset=minilm_longer"])
+    assert longer.data.max_train_samples // longer.train.batch_size == 3 * steps and longer.train.epochs == 1
+    assert (longer.train.eval_steps, longer.checkpoint.every, longer.tags.preset) == (250, 250, "minilm_longer")
+    assert (longer.model, longer.lora, longer.train.scheduler) == (sst2.model, sst2.lora, sst2.train.scheduler)
 
 
 GRID = ["1e-5", "3e-5", "1e-4", "3e-4", "1e-3", "3e-3", "1e-2"]
@@ -197,7 +201,14 @@ README_STEPS = {
     "long_sst2_curves": ({"sgd", "scaled_gd"}, ["0.3", "1.0", "3.0"], {42}),
     "long_sst2_loraplus": ({"loraplus"}, GRID, {42}),
     "long_e2e_curves": ({"sgd", "scaled_gd"}, ["1e-2", "3e-2", "1e-1"], {110}),
+    "long_sst2_longer": (BOTH, ["1e-3", "3e-3"], {42}),
+    "long_e2e_variants": ({"loraplus", "scaled_adamw/update"}, GRID, {110}),
+    "long_e2e_variants_seeds": ({"loraplus", "scaled_adamw/update"}, GRID, {111}),
+    "long_sst2_seeds_b": (BOTH, ["1e-5", "3e-5", "1e-4", "3e-4", "1e-2"], {43, 44}),
+    "long_sst2_loraplus_seeds": ({"loraplus"}, GRID, {43, 44}),
+    "long_sst2_update_seeds": ({"scaled_adamw/update"}, GRID + ["3e-2"], {43, 44}),
 }
+STEP_PRESETS = {"long_sst2_longer": "minilm_longer"}  # the steps outside the long presets
 # the paper's settings (each optimizer's conf/optim preset), one seed
 PAPER_LRS = {"sgd": "9e-2", "scaled_gd": "2e-2", "adamw": "2e-4", "scaled_adamw": "8e-4"}
 # a step of several sweeps: each sweep's (optimizer, lrs), one seed
@@ -207,6 +218,10 @@ README_MIXED_STEPS = {
     "long_e2e_table1": (set(PAPER_LRS.items()), {110}),
     "long_e2e_seeds": ({("adamw", "3e-4"), ("adamw", "1e-3"), ("scaled_adamw", "1e-3"), ("scaled_adamw", "1e-2")},
                        {111}),
+    "long_e2e_seeds_b": ({("adamw", lr) for lr in ("1e-5", "3e-5", "1e-4", "3e-3", "1e-2")}
+                         | {("scaled_adamw", lr) for lr in ("1e-5", "3e-5", "1e-4", "3e-4", "3e-3")}, {111}),
+    "long_e2e_peers": ({("peft_riemannian", lr) for lr in ("3e-3", "1e-2", "3e-2")}
+                       | {("lora_rite", lr) for lr in ("3e-5", "1e-4", "3e-4")}, {110}),
 }
 
 
@@ -224,7 +239,8 @@ def test_each_long_step_runs_the_jobs_the_readme_lists(step):
     seen = set()
     for job in jobs:
         cfg = _compose(experiment, job + list(long_runs.RESUMABLE))
-        assert cfg.tags.preset == {"gpt2_e2e": "smollm2_long", "glue": "minilm_long"}[step.experiment]
+        preset = STEP_PRESETS.get(step.name, {"gpt2_e2e": "smollm2_long", "glue": "minilm_long"}[step.experiment])
+        assert cfg.tags.preset == preset
         assert cfg.resume == "auto" and cfg.skip_finished is True
         variant = cfg.optim.get("variant")
         seen.add((cfg.optim.name + (f"/{variant}" if variant else ""), cfg.optim.lr, cfg.seed))
@@ -233,6 +249,17 @@ def test_each_long_step_runs_the_jobs_the_readme_lists(step):
     assert f"python main_figures/reproduce_cpu.py --only {step.name}" in readme
     names = [s.name for s in select_steps(default_steps(), step.name)]
     assert names == [step.name] and step.name not in [s.name for s in select_steps(default_steps(), "")]
+
+
+def test_the_steps_together_hold_every_run_of_the_long_sweeps():
+    from main_figures.long_tables import LONG
+
+    for experiment, long in LONG.items():
+        folder = REPO_ROOT / long_runs.EXPERIMENTS[experiment]
+        planned = {tuple(job) for sweep in long.sweeps for job in long_runs.sweep_jobs(folder, Part(sweep))}
+        in_steps = [tuple(job) for step in LONG_STEPS if step.experiment == experiment for job in step.jobs()]
+        assert planned <= set(in_steps), sorted(planned - set(in_steps))[:3]
+        assert len(in_steps) == len(set(in_steps))  # no run in two steps
 
 
 # ------------------------------------------------------------------------------------------------ the driver
@@ -284,19 +311,19 @@ def test_the_driver_fails_loudly_naming_the_failed_job(tmp_path, capfd):
 
 # ------------------------------------------------------------------------------------------------ tables
 def _long_record(results, optimizer, lr, seed, accuracy=None, curve=(0.5, 0.45, 0.44, 0.439), diverged_at=None,
-                 variant=None, status="done"):
+                 variant=None, status="done", preset="minilm_long", steps=1000):
     hparams = {"lr": lr, **({"variant": variant} if variant else {})}
-    recorder = RunRecorder(results, "glue", optimizer, hparams, seed, config={"lr": lr},
-                           tags={"preset": "minilm_long", "task": "sst2"})
+    recorder = RunRecorder(results, "glue", optimizer, hparams, seed, config={"lr": lr, "preset": preset},
+                           tags={"preset": preset, "task": "sst2"})
     recorder.start()
     for i, loss in enumerate(curve, 1):
-        recorder.log_metrics(250 * i, validation_loss=loss)
+        recorder.log_metrics(250 * i * steps // 1000, validation_loss=loss)
     if status == "running":
         return recorder
     if diverged_at is not None:
         recorder.finish({"diverged_at_step": diverged_at, "steps": diverged_at})
     else:
-        recorder.finish({"accuracy": accuracy, "steps": 1000})
+        recorder.finish({"accuracy": accuracy, "steps": steps})
     return recorder
 
 
@@ -324,6 +351,20 @@ def test_long_table_marks_a_partial_grid_diverged_runs_and_the_flattening(tmp_pa
     assert rows["loraplus"] == "| loraplus | 0 / 21 | 7 planned | - | - | - | - | none |"
     record = load_records(tmp_path, "glue")[0]
     assert validation_drop(record, "validation_loss") < FLAT_TOLERANCE
+
+
+def test_the_longer_runs_stand_beside_the_1000_step_run_of_the_same_setting(tmp_path):
+    from main_figures.long_tables import long_tables, longer_table
+
+    assert longer_table(tmp_path) == ""
+    _long_record(tmp_path, "adamw", 1e-3, 42, 0.83, curve=(0.6, 0.5, 0.45, 0.40))
+    _long_record(tmp_path, "adamw", 1e-3, 42, 0.86, curve=(0.6, 0.45, 0.392, 0.39), preset="minilm_longer", steps=3000)
+    _long_record(tmp_path, "scaled_adamw", 3e-3, 42, status="running", preset="minilm_longer")
+    table = longer_table(tmp_path)
+    assert "| adamw | 0.001 | 42 | 83.00 | 86.00 | no (+11.1%) | yes (+0.5%) |" in table
+    assert "| scaled_adamw | 0.003 | 42 | not run | running |" in table
+    assert "1 of the 99 planned runs" in long_tables(tmp_path)  # the longer runs are not in the 1000-step grid
+    assert long_tables(tmp_path).endswith(table)
 
 
 def test_long_table_says_complete_only_when_every_planned_run_is_there(tmp_path, monkeypatch):
