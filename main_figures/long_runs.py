@@ -169,8 +169,8 @@ LONG_STEPS: tuple[LongStep, ...] = (
              (Part("long_peft_riemannian"), Part("long_lora_rite"))),
     LongStep("long_sst2_seeds_b", "MiniLM on SST-2, 1000 steps: seeds 43, 44 of AdamW and scaled AdamW (gradient) at "
              "lr 1e-5, 3e-5, 1e-4, 3e-4, 1e-2", "glue",
-             (Part("minilm_long_lr", {"optim": "adamw,scaled_adamw", "optim.lr": "3e-4,1e-2,1e-4,3e-5,1e-5",
-                                      "seed": "43,44"}),)),
+             tuple(Part("minilm_long_lr", {"optim": "adamw,scaled_adamw", "optim.lr": lr, "seed": "43,44"})
+                   for lr in ("3e-4", "1e-2", "1e-4", "3e-5", "1e-5"))),  # one rate at a time, both optimizers
     LongStep("long_e2e_variants_seeds", "SmolLM2 on E2E, 100 steps: seed 111 of LoRA+ and scaled AdamW (update) at "
              "lr 1e-5..1e-2", "gpt2_e2e", _variants(111)),
     LongStep("long_sst2_loraplus_seeds", "MiniLM on SST-2, 1000 steps: seeds 43, 44 of LoRA+ at lr 1e-5..1e-2",
