@@ -119,7 +119,7 @@ def _variants(seed: int) -> tuple[Part, ...]:
             Part("long_lr_update", {"optim.lr": "3e-4,1e-4,3e-5,1e-5", "seed": str(seed)}))
 
 
-# Sized by the measured cost of one run (README "Long CPU runs"): at most an hour each, about 4 hours in all.
+# Sized by the measured cost of one run (README "Long CPU runs"): at most an hour each.
 LONG_STEPS: tuple[LongStep, ...] = (
     LongStep("long_e2e_lr_a", "SmolLM2 on E2E, 100 steps: AdamW vs scaled AdamW (gradient) at lr 1e-3, 1e-2, 1e-4, "
              "seed 110", "gpt2_e2e", (Part("long_lr", _grid("adamw,scaled_adamw", "1e-3,1e-2,1e-4", 110)),)),

@@ -92,12 +92,16 @@ def validation_drop(record, key: str) -> float:
     return (start - end) / start if start else float("nan")
 
 
+def _flat_text(drop: float) -> str:
+    """A validation-loss fall as the tables show it: flattened or not, and by how much (``-`` when unknown)."""
+    return f"{'yes' if drop < FLAT_TOLERANCE else 'no'} ({drop:+.1%})" if math.isfinite(drop) else "-"
+
+
 def _flat_cell(records: list, key: str) -> str:
     drops = [validation_drop(r, key) for r in records]
     if not drops or any(not math.isfinite(d) for d in drops):
         return "-"
-    worst = max(drops)
-    return f"{'yes' if worst < FLAT_TOLERANCE else 'no'} ({worst:+.1%})"
+    return _flat_text(max(drops))
 
 
 def _key(record) -> tuple[float, int]:
@@ -206,9 +210,7 @@ def longer_table(results_dir: str | Path) -> str:
             return "not run", "-"
         if run_outcome(record) != "done":
             return outcome_label(record), "-"
-        drop = validation_drop(record, loss)
-        flat = f"{'yes' if drop < FLAT_TOLERANCE else 'no'} ({drop:+.1%})" if math.isfinite(drop) else "-"
-        return _fmt(metric_value(record, metric), 100.0), flat
+        return _fmt(metric_value(record, metric), 100.0), _flat_text(validation_drop(record, loss))
 
     lines = [f"### MiniLM-L6 on SST-2, 3000 steps (preset={LONGER_PRESET})", "",
              "The same runs as minilm_long with three times the training data (3,000 steps, one epoch, the learning "
