@@ -116,7 +116,8 @@ def _variants(seed: int) -> tuple[Part, ...]:
     return (Part("long_lr", {"optim": "loraplus", "optim.lr": "3e-4,1e-4,1e-3", "seed": str(seed)}),
             Part("long_lr_update", {"optim.lr": "3e-3,1e-3,1e-2", "seed": str(seed)}),
             Part("long_lr", {"optim": "loraplus", "optim.lr": "3e-5,3e-3,1e-5,1e-2", "seed": str(seed)}),
-            Part("long_lr_update", {"optim.lr": "3e-4,1e-4,3e-5,1e-5", "seed": str(seed)}))
+            Part("long_lr_update", {"optim.lr": "3e-4,1e-4,3e-5,1e-5", "seed": str(seed)}),
+            Part("long_lr_update", {"optim.lr": "3e-6,1e-6", "seed": str(seed)}))
 
 
 # Sized by the measured cost of one run (README "Long CPU runs"): at most an hour each.
@@ -162,8 +163,8 @@ LONG_STEPS: tuple[LongStep, ...] = (
              "other five rates of the grid", "gpt2_e2e",
              (Part("long_lr", {"optim": "adamw", "optim.lr": "3e-3,1e-4,1e-2,3e-5,1e-5", "seed": "111"}),
               Part("long_lr", {"optim": "scaled_adamw", "optim.lr": "3e-4,3e-3,1e-4,3e-5,1e-5", "seed": "111"}))),
-    LongStep("long_e2e_variants", "SmolLM2 on E2E, 100 steps: LoRA+ and scaled AdamW (update) at lr 1e-5..1e-2, "
-             "seed 110", "gpt2_e2e", _variants(110)),
+    LongStep("long_e2e_variants", "SmolLM2 on E2E, 100 steps: LoRA+ at lr 1e-5..1e-2 and scaled AdamW (update) "
+             "at lr 1e-6..1e-2, seed 110", "gpt2_e2e", _variants(110)),
     LongStep("long_e2e_peers", "SmolLM2 on E2E, 100 steps: PEFT's Riemannian optimizer and LoRA-RITE at 3 rates "
              "around their best smollm2_cpu rate, seed 110", "gpt2_e2e",
              (Part("long_peft_riemannian"), Part("long_lora_rite"))),
@@ -171,8 +172,8 @@ LONG_STEPS: tuple[LongStep, ...] = (
              "lr 1e-5, 3e-5, 1e-4, 3e-4, 1e-2", "glue",
              tuple(Part("minilm_long_lr", {"optim": "adamw,scaled_adamw", "optim.lr": lr, "seed": "43,44"})
                    for lr in ("3e-4", "1e-2", "1e-4", "3e-5", "1e-5"))),  # one rate at a time, both optimizers
-    LongStep("long_e2e_variants_seeds", "SmolLM2 on E2E, 100 steps: seed 111 of LoRA+ and scaled AdamW (update) at "
-             "lr 1e-5..1e-2", "gpt2_e2e", _variants(111)),
+    LongStep("long_e2e_variants_seeds", "SmolLM2 on E2E, 100 steps: seed 111 of LoRA+ at lr 1e-5..1e-2 and scaled "
+             "AdamW (update) at lr 1e-6..1e-2", "gpt2_e2e", _variants(111)),
     LongStep("long_sst2_loraplus_seeds", "MiniLM on SST-2, 1000 steps: seeds 43, 44 of LoRA+ at lr 1e-5..1e-2",
              "glue", (Part("minilm_long_lr", {"optim": "loraplus", "optim.lr": "3e-4,1e-4,1e-3,3e-5,3e-3,1e-5,1e-2",
                                               "seed": "43,44"}),)),
