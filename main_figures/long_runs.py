@@ -181,6 +181,8 @@ LONG_STEPS: tuple[LongStep, ...] = (
              "1e-5..3e-2", "glue",
              (Part("minilm_long_lr_update", {"optim.lr": "1e-2,3e-3,1e-3,3e-2,3e-4,1e-4,3e-5,1e-5",
                                              "seed": "43,44"}),)),
+    LongStep("long_sst2_epochs", "MiniLM on SST-2, 3000 steps: three epochs of the 8,000 sentences, AdamW and scaled "
+             "AdamW (gradient) at lr 1e-3, seed 42", "glue", (Part("minilm_three_epochs"),)),
 )  # fmt: skip
 # With these steps every run of the long sweeps has a step; together they take longer than 4 hours at the measured
 # costs (README "Long CPU runs" says which ones ran). Each sweep also runs alone, e.g.

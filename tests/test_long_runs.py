@@ -152,6 +152,10 @@ def test_long_presets_only_override_the_cpu_presets():
     assert longer.data.max_train_samples // longer.train.batch_size == 3 * steps and longer.train.epochs == 1
     assert (longer.train.eval_steps, longer.checkpoint.every, longer.tags.preset) == (250, 250, "minilm_longer")
     assert (longer.model, longer.lora, longer.train.scheduler) == (sst2.model, sst2.lora, sst2.train.scheduler)
+    epochs = _compose("Mistral-7B", ["preset=minilm_three_epochs"])
+    assert epochs.data.max_train_samples == sst2.data.max_train_samples and epochs.train.epochs == 3
+    assert (epochs.train.eval_steps, epochs.checkpoint.every, epochs.tags.preset) == (250, 250, "minilm_three_epochs")
+    assert (epochs.model, epochs.lora, epochs.train.scheduler) == (sst2.model, sst2.lora, sst2.train.scheduler)
 
 
 GRID = ["1e-5", "3e-5", "1e-4", "3e-4", "1e-3", "3e-3", "1e-2"]
@@ -203,11 +207,12 @@ README_STEPS = {
     "long_sst2_loraplus": ({"loraplus"}, GRID, {42}),
     "long_e2e_curves": ({"sgd", "scaled_gd"}, ["1e-2", "3e-2", "1e-1"], {110}),
     "long_sst2_longer": (BOTH, ["1e-3", "3e-3"], {42}),
+    "long_sst2_epochs": (BOTH, ["1e-3"], {42}),
     "long_sst2_seeds_b": (BOTH, ["1e-5", "3e-5", "1e-4", "3e-4", "1e-2"], {43, 44}),
     "long_sst2_loraplus_seeds": ({"loraplus"}, GRID, {43, 44}),
     "long_sst2_update_seeds": ({"scaled_adamw/update"}, GRID + ["3e-2"], {43, 44}),
 }
-STEP_PRESETS = {"long_sst2_longer": "minilm_longer"}  # the steps outside the long presets
+STEP_PRESETS = {"long_sst2_longer": "minilm_longer", "long_sst2_epochs": "minilm_three_epochs"}  # the steps outside the long presets
 # the paper's settings (each optimizer's conf/optim preset), one seed
 PAPER_LRS = {"sgd": "9e-2", "scaled_gd": "2e-2", "adamw": "2e-4", "scaled_adamw": "8e-4"}
 # a step of several sweeps: each sweep's (optimizer, lr) pairs, its seeds
@@ -363,9 +368,14 @@ def test_the_longer_runs_stand_beside_the_1000_step_run_of_the_same_setting(tmp_
     _long_record(tmp_path, "adamw", 1e-3, 42, 0.83, curve=(0.6, 0.5, 0.45, 0.40))
     _long_record(tmp_path, "adamw", 1e-3, 42, 0.86, curve=(0.6, 0.45, 0.392, 0.39), preset="minilm_longer", steps=3000)
     _long_record(tmp_path, "scaled_adamw", 3e-3, 42, status="running", preset="minilm_longer")
+    _long_record(tmp_path, "adamw", 1e-3, 42, 0.84, curve=(0.4, 0.38, 0.41, 0.45), preset="minilm_three_epochs",
+                 steps=3000)
     table = longer_table(tmp_path)
-    assert "| adamw | 0.001 | 42 | 83.00 | 86.00 | no (+11.1%) | yes (+0.5%) |" in table
-    assert "| scaled_adamw | 0.003 | 42 | not run | running |" in table
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert rows == ["| adamw | 0.001 | 42 | one epoch of 24,000 sentences | 83.00 | 86.00 | no (+11.1%) | yes (+0.5%) |",
+                    "| scaled_adamw | 0.003 | 42 | one epoch of 24,000 sentences | not run | running | - | - |",
+                    "| adamw | 0.001 | 42 | three epochs of the 8,000 sentences | 83.00 | 84.00 | no (+11.1%) | "
+                    "yes (-9.8%) |"]  # a validation loss that rises again is flattened too
     assert "1 of the 99 planned runs" in long_tables(tmp_path)  # the longer runs are not in the 1000-step grid
     assert long_tables(tmp_path).endswith(table)
 
