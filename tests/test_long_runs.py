@@ -212,7 +212,8 @@ README_STEPS = {
     "long_sst2_loraplus_seeds": ({"loraplus"}, GRID, {43, 44}),
     "long_sst2_update_seeds": ({"scaled_adamw/update"}, GRID + ["3e-2"], {43, 44}),
 }
-STEP_PRESETS = {"long_sst2_longer": "minilm_longer", "long_sst2_epochs": "minilm_three_epochs"}  # the steps outside the long presets
+# the steps outside the long presets
+STEP_PRESETS = {"long_sst2_longer": "minilm_longer", "long_sst2_epochs": "minilm_three_epochs"}
 # the paper's settings (each optimizer's conf/optim preset), one seed
 PAPER_LRS = {"sgd": "9e-2", "scaled_gd": "2e-2", "adamw": "2e-4", "scaled_adamw": "8e-4"}
 # a step of several sweeps: each sweep's (optimizer, lr) pairs, its seeds
@@ -372,7 +373,8 @@ def test_the_longer_runs_stand_beside_the_1000_step_run_of_the_same_setting(tmp_
                  steps=3000)
     table = longer_table(tmp_path)
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert rows == ["| adamw | 0.001 | 42 | one epoch of 24,000 sentences | 83.00 | 86.00 | no (+11.1%) | yes (+0.5%) |",
+    assert rows == ["| adamw | 0.001 | 42 | one epoch of 24,000 sentences | 83.00 | 86.00 | no (+11.1%) | "
+                    "yes (+0.5%) |",
                     "| scaled_adamw | 0.003 | 42 | one epoch of 24,000 sentences | not run | running | - | - |",
                     "| adamw | 0.001 | 42 | three epochs of the 8,000 sentences | 83.00 | 84.00 | no (+11.1%) | "
                     "yes (-9.8%) |"]  # a validation loss that rises again is flattened too
