@@ -182,7 +182,16 @@ LONG_STEPS: tuple[LongStep, ...] = (
              (Part("minilm_long_lr_update", {"optim.lr": "1e-2,3e-3,1e-3,3e-2,3e-4,1e-4,3e-5,1e-5",
                                              "seed": "43,44"}),)),
     LongStep("long_sst2_epochs", "MiniLM on SST-2, 3000 steps: three epochs of the 8,000 sentences, AdamW and scaled "
-             "AdamW (gradient) at lr 1e-3, seed 42", "glue", (Part("minilm_three_epochs"),)),
+             "AdamW (gradient) at lr 1e-3, seed 42", "glue",
+             (Part("minilm_three_epochs", {"optim.lr": "1e-3", "seed": "42"}),)),
+    LongStep("long_sst2_epochs_seeds", "MiniLM on SST-2, 3000 steps as three epochs: AdamW and scaled AdamW "
+             "(gradient) at lr 3e-3, seed 42, and at lr 1e-3, 3e-3, seeds 43, 44", "glue",
+             (Part("minilm_three_epochs", {"optim.lr": "3e-3", "seed": "42"}),
+              Part("minilm_three_epochs", {"seed": "43,44"}))),
+    LongStep("long_sst2_epochs_update", "MiniLM on SST-2, 3000 steps as three epochs: scaled AdamW (update) at lr "
+             "3e-3, 1e-2, seeds 42, 43, 44", "glue", (Part("minilm_three_epochs_update"),)),
+    LongStep("long_sst2_epochs_loraplus", "MiniLM on SST-2, 3000 steps as three epochs: LoRA+ at lr 1e-4, 3e-4, "
+             "seeds 42, 43, 44", "glue", (Part("minilm_three_epochs_loraplus"),)),
 )  # fmt: skip
 # With these steps every run of the long sweeps has a step; together they take longer than 4 hours at the measured
 # costs (README "Long CPU runs" says which ones ran). Each sweep also runs alone, e.g.

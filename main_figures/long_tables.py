@@ -58,9 +58,14 @@ def row_label(record) -> str:
 
 def planned_runs(long: LongExperiment, root: Path = ROOT) -> dict[str, set[tuple[float, int]]]:
     """Row label -> the planned (lr, seed) pairs: the product of each long sweep's rates and seeds."""
+    return sweep_grid(long.experiment, long.sweeps, root)
+
+
+def sweep_grid(experiment: str, sweeps: Iterable[str], root: Path = ROOT) -> dict[str, set[tuple[float, int]]]:
+    """Row label -> the (lr, seed) pairs that these sweeps of ``experiment`` (a record folder) run."""
     planned = defaultdict(set)
-    for sweep in long.sweeps:
-        params = sweep_params(root / EXPERIMENTS[long.experiment], sweep)
+    for sweep in sweeps:
+        params = sweep_params(root / EXPERIMENTS[experiment], sweep)
         variant = params.get("+optim.variant", [None])[0]
         for optimizer in params["optim"]:
             label = optimizer + (f" ({variant})" if variant and variant != "gradient" else "")
@@ -112,6 +117,15 @@ def _fmt(value: float, scale: float) -> str:
     return f"{value * scale:.{2 if scale != 1 else 3}f}" if math.isfinite(value) else "-"
 
 
+def _mean_std(values: list[float], scale: float) -> str:
+    """``mean ± std (n)`` over seeds, ``value (1 seed)`` for one, ``-`` for none."""
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{_fmt(values[0], scale)} (1 seed)"
+    return f"{_fmt(statistics.mean(values), scale)} ± {_fmt(statistics.stdev(values), scale)} ({len(values)})"
+
+
 def long_table(results_dir: str | Path, experiment: str, root: Path = ROOT) -> str:
     """The Markdown table of one experiment's long runs (module docstring)."""
     long = LONG[experiment]
@@ -156,10 +170,7 @@ def long_table(results_dir: str | Path, experiment: str, root: Path = ROOT) -> s
             continue
         row = robustness.row(label)
         at_best = [r for r in recs if float(r.hparams["lr"]) == row.best_lr and run_outcome(r) == "done"]
-        values = [metric_value(r, metric) for r in at_best]
-        std = statistics.stdev(values) if len(values) > 1 else float("nan")
-        best = f"{_fmt(row.best, scale)} ± {_fmt(std, scale)} ({len(values)})" if len(values) > 1 else \
-            f"{_fmt(row.best, scale)} (1 seed)"
+        best = _mean_std([metric_value(r, metric) for r in at_best], scale)
         done_lrs = {float(r.hparams["lr"]) for r in recs if counts_as_result(r)}
         tried = f"{len(done_lrs)} of {len({lr for lr, _ in wanted}) or len(done_lrs)}"
         lines.append(f"| {label} | {present} / {len(wanted)} | {tried} | {row.best_lr:g} | {best} | "
@@ -191,51 +202,78 @@ def _per_rate(points: dict, planned: dict, scale: float) -> list[str]:
     return lines
 
 
-# SST-2 trained 3x longer than minilm_long, at the best rates of its sweep: preset -> how (the table's column)
-LONGER_PRESETS = {"minilm_longer": "one epoch of 24,000 sentences",
-                  "minilm_three_epochs": "three epochs of the 8,000 sentences"}
+# SST-2 trained 3x longer than minilm_long, at the best rates of its sweep: preset -> (how: the table's column, the
+# sweeps that plan its runs)
+LONGER_PRESETS = {"minilm_longer": ("one epoch of 24,000 sentences", ("minilm_longer",)),
+                  "minilm_three_epochs": ("three epochs of the 8,000 sentences",
+                                          ("minilm_three_epochs", "minilm_three_epochs_update",
+                                           "minilm_three_epochs_loraplus"))}  # fmt: skip
 
 
-def longer_table(results_dir: str | Path) -> str:
-    """The 3,000-step SST-2 runs (the presets of :data:`LONGER_PRESETS`) beside the 1,000-step run of the same
-    optimizer, rate and seed: the final dev accuracy of both and the validation loss's fall over each one's last
-    quarter (:data:`FLAT_CRITERION`); an empty string without such a run."""
+def longer_table(results_dir: str | Path, root: Path = ROOT) -> str:
+    """The 3,000-step SST-2 runs (the presets of :data:`LONGER_PRESETS`), one row per preset, optimizer and rate,
+    beside the 1,000-step runs of the same optimizer, rate and seeds: the final dev accuracy of both (mean ± std over
+    the seeds done at 3,000 steps) and whether the validation loss flattened over the last quarter of every seed's run
+    (:data:`FLAT_CRITERION`); the best rate of each optimizer in a preset in bold. An empty string without such a
+    run."""
     records = records_of(results_dir, "glue")
-    longer = [r for r in records if r.tags.get("preset") in LONGER_PRESETS and set(r.tags) <= {"preset", "task"}]
+    longer = [r for r in records
+              if r.tags.get("preset") in LONGER_PRESETS and set(r.tags) <= {"preset", "task", "variant"}]
     if not longer:
         return ""
     shorter = {(row_label(r), *_key(r)): r for r in long_records(records, LONG["glue"]) if run_outcome(r) == "done"}
-    metric, loss = "accuracy", LONG["glue"].valid_loss
+    metric, loss, scale = "accuracy", LONG["glue"].valid_loss, 100.0
+    groups = defaultdict(list)
+    for record in longer:
+        groups[(record.tags["preset"], row_label(record), float(record.hparams["lr"]))].append(record)
+    planned = {preset: sweep_grid("glue", sweeps, root) for preset, (_, sweeps) in LONGER_PRESETS.items()}
+    counts = []
+    for preset, grid in planned.items():
+        wanted = {(label, lr, seed) for label, pairs in grid.items() for lr, seed in pairs}
+        present = {(row_label(r), *_key(r)) for r in longer if r.tags["preset"] == preset and counts_as_result(r)}
+        counts.append(f"{len(present & wanted)} of the {len(wanted)} planned runs of preset={preset}")
 
-    def cells(record) -> tuple[str, str]:
-        if record is None:
-            return "not run", "-"
-        if run_outcome(record) != "done":
-            return outcome_label(record), "-"
-        return _fmt(metric_value(record, metric), 100.0), _flat_text(validation_drop(record, loss))
+    def mean(group: list) -> float:
+        done = [metric_value(r, metric) for r in group if run_outcome(r) == "done"]
+        return statistics.mean(done) if done else float("nan")
 
+    best = {}
+    for (preset, label, lr), group in groups.items():
+        if math.isfinite(mean(group)) and mean(group) > best.get((preset, label), (float("-inf"),))[0]:
+            best[(preset, label)] = (mean(group), lr)
     presets = ", ".join(f"preset={name}" for name in LONGER_PRESETS)
     lines = [f"### MiniLM-L6 on SST-2, 3000 steps ({presets})", "",
-             "The same runs as minilm_long trained three times longer (3,000 steps, the learning rate decaying "
-             "linearly to 0 over them) on three times the training data or for three epochs of the same data, "
-             "beside the 1,000-step run of the same optimizer, rate and seed. Dev accuracy (x 100) at the end; "
-             f"flattened: the validation loss fell by less than {FLAT_TOLERANCE:.0%} over the run's last quarter "
-             "(the rule of the tables above).", "",
-             "| optimizer | lr | seed | 3000 steps of | dev accuracy, 1000 steps | dev accuracy, 3000 steps "
+             "The runs of minilm_long trained three times longer (3,000 steps, the learning rate decaying linearly "
+             "to 0 over them) on three times the training data or for three epochs of the same data, beside the "
+             "1,000-step runs of the same optimizer, rate and seeds. Dev accuracy (x 100) at the end, mean ± std "
+             "over the seeds done at 3,000 steps (the 1,000-step column over the same seeds); in bold, each "
+             f"optimizer's best rate in a preset. Flattened: the validation loss fell by less than "
+             f"{FLAT_TOLERANCE:.0%} over the run's last quarter, for every seed (the rule of the tables above). "
+             f"Present: {'; '.join(counts)}.", "",
+             "| optimizer | lr | 3000 steps of | seeds | dev accuracy, 1000 steps | dev accuracy, 3000 steps "
              "| flattened, 1000 steps | flattened, 3000 steps |", "|---|---|---|---|---|---|---|---|"]
     order = list(LONGER_PRESETS)
-    for record in sorted(longer, key=lambda r: (order.index(r.tags["preset"]), row_label(r), *_key(r))):
-        short_acc, short_flat = cells(shorter.get((row_label(record), *_key(record))))
-        long_acc, long_flat = cells(record)
-        lines.append(f"| {row_label(record)} | {float(record.hparams['lr']):g} | {record.seed} | "
-                     f"{LONGER_PRESETS[record.tags['preset']]} | {short_acc} | {long_acc} | {short_flat} | "
-                     f"{long_flat} |")
+    for preset, label, lr in sorted(groups, key=lambda key: (order.index(key[0]), key[1], key[2])):
+        group = sorted(groups[(preset, label, lr)], key=lambda r: r.seed)
+        done = [r for r in group if run_outcome(r) == "done"]
+        short = [shorter[(label, lr, r.seed)] for r in done if (label, lr, r.seed) in shorter]
+        long_acc = _mean_std([metric_value(r, metric) for r in done], scale)
+        if done and best.get((preset, label), (None, None))[1] == lr:
+            long_acc = f"**{long_acc}**"
+        others = [f"seed {r.seed}: {outcome_label(r)}" for r in group if run_outcome(r) != "done"]
+        long_acc = ", ".join(([long_acc] if done else []) + others)
+        seeds = ", ".join(str(r.seed) for r in group)
+        short_acc = _mean_std([metric_value(r, metric) for r in short], scale) if short else "not run"
+        if short and len(short) < len(done):
+            short_acc += f" ({len(done) - len(short)} not run)"
+        lines.append(f"| {label} | {lr:g} | {LONGER_PRESETS[preset][0]} | {seeds} | {short_acc} | {long_acc} | "
+                     f"{_flat_cell(short, loss) if short else '-'} | {_flat_cell(done, loss) if done else '-'} |")
     return "\n".join(lines) + "\n"
 
 
 def long_tables(results_dir: str | Path, root: Path = ROOT) -> str:
     """Both experiments' long tables and the 3,000-step SST-2 runs, one Markdown document."""
-    parts = [long_table(results_dir, e, root) for e in LONG] + [longer_table(results_dir)]
+    parts = [long_table(results_dir, e, root) for e in LONG] + [longer_table(results_dir, root)]
     return "## Long CPU runs\n\n" + "\n".join(part for part in parts if part)
 
 

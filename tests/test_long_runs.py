@@ -208,15 +208,18 @@ README_STEPS = {
     "long_e2e_curves": ({"sgd", "scaled_gd"}, ["1e-2", "3e-2", "1e-1"], {110}),
     "long_sst2_longer": (BOTH, ["1e-3", "3e-3"], {42}),
     "long_sst2_epochs": (BOTH, ["1e-3"], {42}),
+    "long_sst2_epochs_update": ({"scaled_adamw/update"}, ["3e-3", "1e-2"], {42, 43, 44}),
+    "long_sst2_epochs_loraplus": ({"loraplus"}, ["1e-4", "3e-4"], {42, 43, 44}),
     "long_sst2_seeds_b": (BOTH, ["1e-5", "3e-5", "1e-4", "3e-4", "1e-2"], {43, 44}),
     "long_sst2_loraplus_seeds": ({"loraplus"}, GRID, {43, 44}),
     "long_sst2_update_seeds": ({"scaled_adamw/update"}, GRID + ["3e-2"], {43, 44}),
 }
 # the steps outside the long presets
-STEP_PRESETS = {"long_sst2_longer": "minilm_longer", "long_sst2_epochs": "minilm_three_epochs"}
+STEP_PRESETS = {"long_sst2_longer": "minilm_longer", **{f"long_sst2_epochs{part}": "minilm_three_epochs"
+                                                         for part in ("", "_seeds", "_update", "_loraplus")}}
 # the paper's settings (each optimizer's conf/optim preset), one seed
 PAPER_LRS = {"sgd": "9e-2", "scaled_gd": "2e-2", "adamw": "2e-4", "scaled_adamw": "8e-4"}
-# a step of several sweeps: each sweep's (optimizer, lr) pairs, its seeds
+# a step of several sweeps: each sweep's (optimizer, lr) pairs and its seeds, or (optimizer, lr, seed) and None
 README_MIXED_STEPS = {
     "long_sst2_peers": ({("peft_riemannian", lr) for lr in ("1e-3", "3e-3", "1e-2")}
                         | {("lora_rite", lr) for lr in ("3e-4", "1e-3", "3e-3")}, {42}),
@@ -231,6 +234,8 @@ README_MIXED_STEPS = {
                           | {("scaled_adamw/update", lr) for lr in ["1e-6", "3e-6"] + GRID}, {110}),
     "long_e2e_variants_seeds": ({("loraplus", lr) for lr in GRID}
                                 | {("scaled_adamw/update", lr) for lr in ["1e-6", "3e-6"] + GRID}, {111}),
+    "long_sst2_epochs_seeds": ({(o, "3e-3", 42) for o in BOTH} | {(o, lr, seed) for o in BOTH for lr in ("1e-3", "3e-3")
+                                                                 for seed in (43, 44)}, None),
 }
 
 
@@ -238,7 +243,10 @@ README_MIXED_STEPS = {
 def test_each_long_step_runs_the_jobs_the_readme_lists(step):
     if step.name in README_MIXED_STEPS:
         pairs, seeds = README_MIXED_STEPS[step.name]
-        expected = {(o, float(lr), seed) for o, lr in pairs for seed in seeds}
+        if seeds is None:  # (optimizer, lr, seed) triples
+            expected = {(o, float(lr), seed) for o, lr, seed in pairs}
+        else:
+            expected = {(o, float(lr), seed) for o, lr in pairs for seed in seeds}
     else:
         optimizers, lrs, seeds = README_STEPS[step.name]
         expected = {(o, float(lr), seed) for o in optimizers for lr in lrs for seed in seeds}
@@ -261,11 +269,13 @@ def test_each_long_step_runs_the_jobs_the_readme_lists(step):
 
 
 def test_the_steps_together_hold_every_run_of_the_long_sweeps():
-    from main_figures.long_tables import LONG
+    from main_figures.long_tables import LONG, LONGER_PRESETS
 
+    longer = tuple(sweep for _, sweeps in LONGER_PRESETS.values() for sweep in sweeps)  # SST-2, 3000 steps
     for experiment, long in LONG.items():
         folder = REPO_ROOT / long_runs.EXPERIMENTS[experiment]
-        planned = {tuple(job) for sweep in long.sweeps for job in long_runs.sweep_jobs(folder, Part(sweep))}
+        sweeps = long.sweeps + (longer if experiment == "glue" else ())
+        planned = {tuple(job) for sweep in sweeps for job in long_runs.sweep_jobs(folder, Part(sweep))}
         in_steps = [tuple(job) for step in LONG_STEPS if step.experiment == experiment for job in step.jobs()]
         assert planned <= set(in_steps), sorted(planned - set(in_steps))[:3]
         assert len(in_steps) == len(set(in_steps))  # no run in two steps
@@ -362,23 +372,34 @@ def test_long_table_marks_a_partial_grid_diverged_runs_and_the_flattening(tmp_pa
     assert validation_drop(record, "validation_loss") < FLAT_TOLERANCE
 
 
-def test_the_longer_runs_stand_beside_the_1000_step_run_of_the_same_setting(tmp_path):
+def test_the_longer_runs_stand_beside_the_1000_step_runs_of_the_same_settings(tmp_path):
     from main_figures.long_tables import long_tables, longer_table
 
     assert longer_table(tmp_path) == ""
     _long_record(tmp_path, "adamw", 1e-3, 42, 0.83, curve=(0.6, 0.5, 0.45, 0.40))
+    _long_record(tmp_path, "adamw", 1e-3, 43, 0.85)
     _long_record(tmp_path, "adamw", 1e-3, 42, 0.86, curve=(0.6, 0.45, 0.392, 0.39), preset="minilm_longer", steps=3000)
     _long_record(tmp_path, "scaled_adamw", 3e-3, 42, status="running", preset="minilm_longer")
     _long_record(tmp_path, "adamw", 1e-3, 42, 0.84, curve=(0.4, 0.38, 0.41, 0.45), preset="minilm_three_epochs",
                  steps=3000)
+    _long_record(tmp_path, "adamw", 1e-3, 43, 0.86, preset="minilm_three_epochs", steps=3000)
+    _long_record(tmp_path, "adamw", 3e-3, 42, 0.80, preset="minilm_three_epochs", steps=3000)
+    _long_record(tmp_path, "scaled_adamw", 1e-2, 42, 0.845, variant="update", preset="minilm_three_epochs", steps=3000)
     table = longer_table(tmp_path)
+    assert ("Present: 1 of the 4 planned runs of preset=minilm_longer; 4 of the 24 planned runs of "
+            "preset=minilm_three_epochs.") in table
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert rows == ["| adamw | 0.001 | 42 | one epoch of 24,000 sentences | 83.00 | 86.00 | no (+11.1%) | "
-                    "yes (+0.5%) |",
-                    "| scaled_adamw | 0.003 | 42 | one epoch of 24,000 sentences | not run | running | - | - |",
-                    "| adamw | 0.001 | 42 | three epochs of the 8,000 sentences | 83.00 | 84.00 | no (+11.1%) | "
-                    "yes (-9.8%) |"]  # a validation loss that rises again is flattened too
-    assert "1 of the 99 planned runs" in long_tables(tmp_path)  # the longer runs are not in the 1000-step grid
+    assert rows == [
+        "| adamw | 0.001 | one epoch of 24,000 sentences | 42 | 83.00 (1 seed) | **86.00 (1 seed)** | no (+11.1%) | "
+        "yes (+0.5%) |",
+        "| scaled_adamw | 0.003 | one epoch of 24,000 sentences | 42 | not run | seed 42: running | - | - |",
+        # mean ± std over the seeds; the flattening holds for every seed (a loss that rises again is flattened too)
+        "| adamw | 0.001 | three epochs of the 8,000 sentences | 42, 43 | 84.00 ± 1.41 (2) | **85.00 ± 1.41 (2)** | "
+        "no (+11.1%) | yes (+0.2%) |",
+        "| adamw | 0.003 | three epochs of the 8,000 sentences | 42 | not run | 80.00 (1 seed) | - | yes (+0.2%) |",
+        "| scaled_adamw (update) | 0.01 | three epochs of the 8,000 sentences | 42 | not run | **84.50 (1 seed)** | - | "
+        "yes (+0.2%) |"]
+    assert "2 of the 99 planned runs" in long_tables(tmp_path)  # the longer runs are not in the 1000-step grid
     assert long_tables(tmp_path).endswith(table)
 
 
