@@ -4,8 +4,9 @@ Per experiment, :func:`long_table` gives one row per optimizer of the long sweep
 planned ones (the sweep files' grids: a partial grid says so), its best learning rate and the best value there
 (mean ± std over the seeds that are done), the fair LR-robustness metric (:func:`main_figures.metrics.lr_robustness`:
 the width in decades of the learning rates within the tolerance of its own best), whether the validation loss had
-flattened at the best rate (:data:`FLAT_CRITERION`), and its diverged or failed runs. :func:`loss_curves_figure`
-draws the training loss of SGD vs scaled GD at their three rates over the whole run.
+flattened at the best rate (:data:`FLAT_CRITERION`), and its diverged or failed runs. :func:`longer_table` puts the
+runs trained three times longer (:data:`LONGER`) beside those of the long preset. :func:`loss_curves_figure` draws
+the training loss of SGD vs scaled GD at their three rates over the whole run.
 """
 
 from __future__ import annotations
@@ -202,34 +203,57 @@ def _per_rate(points: dict, planned: dict, scale: float) -> list[str]:
     return lines
 
 
-# SST-2 trained 3x longer than minilm_long, at the best rates of its sweep: preset -> (how: the table's column, the
-# sweeps that plan its runs)
-LONGER_PRESETS = {"minilm_longer": ("one epoch of 24,000 sentences", ("minilm_longer",)),
-                  "minilm_three_epochs": ("three epochs of the 8,000 sentences",
-                                          ("minilm_three_epochs", "minilm_three_epochs_update",
-                                           "minilm_three_epochs_loraplus"))}  # fmt: skip
+@dataclass(frozen=True)
+class LongerRuns:
+    """Runs of an experiment's long preset trained three times longer, at the best rates of its sweep."""
+
+    title: str
+    steps: tuple[int, int]  # optimizer steps of the long preset's runs and of these
+    intro: str  # how they were trained, and what the metric is
+    presets: dict[str, tuple[str, tuple[str, ...]]]  # preset -> (how, the table's column; the sweeps that plan it)
 
 
-def longer_table(results_dir: str | Path, root: Path = ROOT) -> str:
-    """The 3,000-step SST-2 runs (the presets of :data:`LONGER_PRESETS`), one row per preset, optimizer and rate,
-    beside the 1,000-step runs of the same optimizer, rate and seeds: the final dev accuracy of both (mean ± std over
-    the seeds done at 3,000 steps) and whether the validation loss flattened over the last quarter of every seed's run
+LONGER = {
+    "gpt2_e2e": LongerRuns(
+        "SmolLM2-135M on E2E, 300 steps (preset=smollm2_longer)", (100, 300),
+        "The runs of smollm2_long trained three times longer (300 steps of batch 4, still one pass over the dev "
+        "pairs, 10% warm-up, then the learning rate decaying linearly to 0), beside the 100-step runs of the same "
+        "optimizer, rate and seeds. Test BLEU of the state with the best validation loss (as in the 100-step runs)",
+        {"smollm2_longer": ("1,200 pairs, one pass", ("long_longer",))}),
+    "glue": LongerRuns(
+        "MiniLM-L6 on SST-2, 3000 steps (preset=minilm_longer, preset=minilm_three_epochs)", (1000, 3000),
+        "The runs of minilm_long trained three times longer (3,000 steps, the learning rate decaying linearly to 0 "
+        "over them) on three times the training data or for three epochs of the same data, beside the 1,000-step "
+        "runs of the same optimizer, rate and seeds. Dev accuracy (x 100) at the end",
+        {"minilm_longer": ("one epoch of 24,000 sentences", ("minilm_longer",)),
+         "minilm_three_epochs": ("three epochs of the 8,000 sentences",
+                                 ("minilm_three_epochs", "minilm_three_epochs_update", "minilm_three_epochs_loraplus"))}),
+}  # fmt: skip
+
+
+def longer_table(results_dir: str | Path, experiment: str, root: Path = ROOT) -> str:
+    """The runs of :data:`LONGER` ``[experiment]``, one row per preset, optimizer and rate, beside the runs of the
+    long preset with the same optimizer, rate and seeds: the final metric of both (mean ± std over the seeds done in
+    the longer preset) and whether the validation loss flattened over the last quarter of every seed's run
     (:data:`FLAT_CRITERION`); the best rate of each optimizer in a preset in bold. An empty string without such a
     run."""
-    records = records_of(results_dir, "glue")
+    longer_runs, long = LONGER[experiment], LONG[experiment]
+    records = records_of(results_dir, experiment)
     longer = [r for r in records
-              if r.tags.get("preset") in LONGER_PRESETS and set(r.tags) <= {"preset", "task", "variant"}]
+              if r.tags.get("preset") in longer_runs.presets and set(r.tags) <= {"preset", "task", "variant"}]
     if not longer:
         return ""
-    shorter = {(row_label(r), *_key(r)): r for r in long_records(records, LONG["glue"]) if run_outcome(r) == "done"}
-    metric, loss, scale = "accuracy", LONG["glue"].valid_loss, 100.0
+    shorter = {(row_label(r), *_key(r)): r for r in long_records(records, long) if run_outcome(r) == "done"}
+    names, _ = MAIN_METRICS[experiment]
+    metric = next((n for n in names if any(n in r.final_metrics for r in records)), names[0])
+    scale = 100.0 if experiment == "glue" else 1.0
     groups = defaultdict(list)
     for record in longer:
         groups[(record.tags["preset"], row_label(record), float(record.hparams["lr"]))].append(record)
-    planned = {preset: sweep_grid("glue", sweeps, root) for preset, (_, sweeps) in LONGER_PRESETS.items()}
     counts = []
-    for preset, grid in planned.items():
-        wanted = {(label, lr, seed) for label, pairs in grid.items() for lr, seed in pairs}
+    for preset, (_, sweeps) in longer_runs.presets.items():
+        wanted = {(label, lr, seed) for label, pairs in sweep_grid(experiment, sweeps, root).items()
+                  for lr, seed in pairs}
         present = {(row_label(r), *_key(r)) for r in longer if r.tags["preset"] == preset and counts_as_result(r)}
         counts.append(f"{len(present & wanted)} of the {len(wanted)} planned runs of preset={preset}")
 
@@ -241,39 +265,40 @@ def longer_table(results_dir: str | Path, root: Path = ROOT) -> str:
     for (preset, label, lr), group in groups.items():
         if math.isfinite(mean(group)) and mean(group) > best.get((preset, label), (float("-inf"),))[0]:
             best[(preset, label)] = (mean(group), lr)
-    presets = ", ".join(f"preset={name}" for name in LONGER_PRESETS)
-    lines = [f"### MiniLM-L6 on SST-2, 3000 steps ({presets})", "",
-             "The runs of minilm_long trained three times longer (3,000 steps, the learning rate decaying linearly "
-             "to 0 over them) on three times the training data or for three epochs of the same data, beside the "
-             "1,000-step runs of the same optimizer, rate and seeds. Dev accuracy (x 100) at the end, mean ± std "
-             "over the seeds done at 3,000 steps (the 1,000-step column over the same seeds); in bold, each "
-             f"optimizer's best rate in a preset. Flattened: the validation loss fell by less than "
-             f"{FLAT_TOLERANCE:.0%} over the run's last quarter, for every seed (the rule of the tables above). "
-             f"Present: {'; '.join(counts)}.", "",
-             "| optimizer | lr | 3000 steps of | seeds | dev accuracy, 1000 steps | dev accuracy, 3000 steps "
-             "| flattened, 1000 steps | flattened, 3000 steps |", "|---|---|---|---|---|---|---|---|"]
-    order = list(LONGER_PRESETS)
+    short_steps, long_steps = longer_runs.steps
+    what = f"{'test' if experiment == 'gpt2_e2e' else 'dev'} {metric}"
+    lines = [f"### {longer_runs.title}", "",
+             f"{longer_runs.intro}, mean ± std over the seeds done at {long_steps} steps (the {short_steps}-step "
+             f"column over the same seeds); in bold, each optimizer's best rate in a preset. Flattened: the "
+             f"validation loss fell by less than {FLAT_TOLERANCE:.0%} over the run's last quarter, for every seed "
+             f"(the rule of the tables above). Present: {'; '.join(counts)}.", "",
+             f"| optimizer | lr | {long_steps} steps of | seeds | {what}, {short_steps} steps | {what}, {long_steps} "
+             f"steps | flattened, {short_steps} steps | flattened, {long_steps} steps |",
+             "|---|---|---|---|---|---|---|---|"]
+    order = list(longer_runs.presets)
     for preset, label, lr in sorted(groups, key=lambda key: (order.index(key[0]), key[1], key[2])):
         group = sorted(groups[(preset, label, lr)], key=lambda r: r.seed)
         done = [r for r in group if run_outcome(r) == "done"]
         short = [shorter[(label, lr, r.seed)] for r in done if (label, lr, r.seed) in shorter]
-        long_acc = _mean_std([metric_value(r, metric) for r in done], scale)
+        long_value = _mean_std([metric_value(r, metric) for r in done], scale)
         if done and best.get((preset, label), (None, None))[1] == lr:
-            long_acc = f"**{long_acc}**"
+            long_value = f"**{long_value}**"
         others = [f"seed {r.seed}: {outcome_label(r)}" for r in group if run_outcome(r) != "done"]
-        long_acc = ", ".join(([long_acc] if done else []) + others)
+        long_value = ", ".join(([long_value] if done else []) + others)
         seeds = ", ".join(str(r.seed) for r in group)
-        short_acc = _mean_std([metric_value(r, metric) for r in short], scale) if short else "not run"
+        short_value = _mean_std([metric_value(r, metric) for r in short], scale) if short else \
+            ("not run" if done else "-")
         if short and len(short) < len(done):
-            short_acc += f" ({len(done) - len(short)} not run)"
-        lines.append(f"| {label} | {lr:g} | {LONGER_PRESETS[preset][0]} | {seeds} | {short_acc} | {long_acc} | "
-                     f"{_flat_cell(short, loss) if short else '-'} | {_flat_cell(done, loss) if done else '-'} |")
+            short_value += f" ({len(done) - len(short)} not run)"
+        lines.append(f"| {label} | {lr:g} | {longer_runs.presets[preset][0]} | {seeds} | {short_value} | "
+                     f"{long_value} | {_flat_cell(short, long.valid_loss) if short else '-'} | "
+                     f"{_flat_cell(done, long.valid_loss) if done else '-'} |")
     return "\n".join(lines) + "\n"
 
 
 def long_tables(results_dir: str | Path, root: Path = ROOT) -> str:
-    """Both experiments' long tables and the 3,000-step SST-2 runs, one Markdown document."""
-    parts = [long_table(results_dir, e, root) for e in LONG] + [longer_table(results_dir, root)]
+    """Both experiments' long tables and their runs trained three times longer, one Markdown document."""
+    parts = [long_table(results_dir, e, root) for e in LONG] + [longer_table(results_dir, e, root) for e in LONGER]
     return "## Long CPU runs\n\n" + "\n".join(part for part in parts if part)
 
 

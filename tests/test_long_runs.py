@@ -142,6 +142,11 @@ def test_long_presets_only_override_the_cpu_presets():
     assert e2e.train.max_steps == 5 * e2e_short.train.max_steps == 100 and e2e.checkpoint.every == 25
     assert e2e.train.max_steps // e2e.train.eval_every == 10 and e2e.tags.preset == "smollm2_long"
     assert (e2e.model, e2e.lora, e2e.decode) == (e2e_short.model, e2e_short.lora, e2e_short.decode)
+    e2e_longer = _compose("GPT-2", ["preset=smollm2_longer"])
+    assert e2e_longer.train.max_steps == 3 * e2e.train.max_steps and e2e_longer.tags.preset == "smollm2_longer"
+    assert e2e_longer.train.warmup_steps * 10 == e2e_longer.train.max_steps and e2e_longer.checkpoint.every == 25
+    assert (e2e_longer.model, e2e_longer.lora, e2e_longer.decode, e2e_longer.data) == (e2e.model, e2e.lora,
+                                                                                       e2e.decode, e2e.data)
     sst2, sst2_short = _compose("Mistral-7B", ["preset=minilm_long"]), _compose("Mistral-7B", ["preset=minilm_sst2"])
     steps = sst2.data.max_train_samples // sst2.train.batch_size
     assert steps == 1000 >= 3 * sst2_short.data.max_train_samples // sst2_short.train.batch_size
@@ -206,6 +211,7 @@ README_STEPS = {
     "long_sst2_curves": ({"sgd", "scaled_gd"}, ["0.3", "1.0", "3.0"], {42}),
     "long_sst2_loraplus": ({"loraplus"}, GRID, {42}),
     "long_e2e_curves": ({"sgd", "scaled_gd"}, ["1e-2", "3e-2", "1e-1"], {110}),
+    "long_e2e_longer": (BOTH, ["1e-3", "3e-3"], {110}),
     "long_sst2_longer": (BOTH, ["1e-3", "3e-3"], {42}),
     "long_sst2_epochs": (BOTH, ["1e-3"], {42}),
     "long_sst2_epochs_update": ({"scaled_adamw/update"}, ["3e-3", "1e-2"], {42, 43, 44}),
@@ -215,7 +221,7 @@ README_STEPS = {
     "long_sst2_update_seeds": ({"scaled_adamw/update"}, GRID + ["3e-2"], {43, 44}),
 }
 # the steps outside the long presets
-STEP_PRESETS = {"long_sst2_longer": "minilm_longer", **{f"long_sst2_epochs{part}": "minilm_three_epochs"
+STEP_PRESETS = {"long_sst2_longer": "minilm_longer", "long_e2e_longer": "smollm2_longer", **{f"long_sst2_epochs{part}": "minilm_three_epochs"
                                                          for part in ("", "_seeds", "_update", "_loraplus")}}
 # the paper's settings (each optimizer's conf/optim preset), one seed
 PAPER_LRS = {"sgd": "9e-2", "scaled_gd": "2e-2", "adamw": "2e-4", "scaled_adamw": "8e-4"}
@@ -269,12 +275,12 @@ def test_each_long_step_runs_the_jobs_the_readme_lists(step):
 
 
 def test_the_steps_together_hold_every_run_of_the_long_sweeps():
-    from main_figures.long_tables import LONG, LONGER_PRESETS
+    from main_figures.long_tables import LONG, LONGER
 
-    longer = tuple(sweep for _, sweeps in LONGER_PRESETS.values() for sweep in sweeps)  # SST-2, 3000 steps
     for experiment, long in LONG.items():
         folder = REPO_ROOT / long_runs.EXPERIMENTS[experiment]
-        sweeps = long.sweeps + (longer if experiment == "glue" else ())
+        longer = tuple(sweep for _, sweeps in LONGER[experiment].presets.values() for sweep in sweeps)
+        sweeps = long.sweeps + longer
         planned = {tuple(job) for sweep in sweeps for job in long_runs.sweep_jobs(folder, Part(sweep))}
         in_steps = [tuple(job) for step in LONG_STEPS if step.experiment == experiment for job in step.jobs()]
         assert planned <= set(in_steps), sorted(planned - set(in_steps))[:3]
@@ -375,7 +381,7 @@ def test_long_table_marks_a_partial_grid_diverged_runs_and_the_flattening(tmp_pa
 def test_the_longer_runs_stand_beside_the_1000_step_runs_of_the_same_settings(tmp_path):
     from main_figures.long_tables import long_tables, longer_table
 
-    assert longer_table(tmp_path) == ""
+    assert longer_table(tmp_path, "glue") == ""
     _long_record(tmp_path, "adamw", 1e-3, 42, 0.83, curve=(0.6, 0.5, 0.45, 0.40))
     _long_record(tmp_path, "adamw", 1e-3, 43, 0.85)
     _long_record(tmp_path, "adamw", 1e-3, 42, 0.86, curve=(0.6, 0.45, 0.392, 0.39), preset="minilm_longer", steps=3000)
@@ -385,14 +391,14 @@ def test_the_longer_runs_stand_beside_the_1000_step_runs_of_the_same_settings(tm
     _long_record(tmp_path, "adamw", 1e-3, 43, 0.86, preset="minilm_three_epochs", steps=3000)
     _long_record(tmp_path, "adamw", 3e-3, 42, 0.80, preset="minilm_three_epochs", steps=3000)
     _long_record(tmp_path, "scaled_adamw", 1e-2, 42, 0.845, variant="update", preset="minilm_three_epochs", steps=3000)
-    table = longer_table(tmp_path)
+    table = longer_table(tmp_path, "glue")
     assert ("Present: 1 of the 4 planned runs of preset=minilm_longer; 4 of the 24 planned runs of "
             "preset=minilm_three_epochs.") in table
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert rows == [
         "| adamw | 0.001 | one epoch of 24,000 sentences | 42 | 83.00 (1 seed) | **86.00 (1 seed)** | no (+11.1%) | "
         "yes (+0.5%) |",
-        "| scaled_adamw | 0.003 | one epoch of 24,000 sentences | 42 | not run | seed 42: running | - | - |",
+        "| scaled_adamw | 0.003 | one epoch of 24,000 sentences | 42 | - | seed 42: running | - | - |",
         # mean ± std over the seeds; the flattening holds for every seed (a loss that rises again is flattened too)
         "| adamw | 0.001 | three epochs of the 8,000 sentences | 42, 43 | 84.00 ± 1.41 (2) | **85.00 ± 1.41 (2)** | "
         "no (+11.1%) | yes (+0.2%) |",
@@ -401,6 +407,27 @@ def test_the_longer_runs_stand_beside_the_1000_step_runs_of_the_same_settings(tm
         "yes (+0.2%) |"]
     assert "2 of the 99 planned runs" in long_tables(tmp_path)  # the longer runs are not in the 1000-step grid
     assert long_tables(tmp_path).endswith(table)
+
+
+def test_the_longer_e2e_runs_stand_beside_the_100_step_runs(tmp_path):
+    from main_figures.long_tables import longer_table
+
+    def e2e_record(lr, preset, bleu, curve, steps):
+        recorder = RunRecorder(tmp_path, "gpt2_e2e", "scaled_adamw", {"lr": lr}, 110,
+                               config={"lr": lr, "preset": preset}, tags={"preset": preset})
+        recorder.start()
+        for i, loss in enumerate(curve, 1):
+            recorder.log_metrics(i * steps // len(curve), valid_loss=loss)
+        recorder.finish({"BLEU": bleu, "steps": steps})
+
+    e2e_record(1e-3, "smollm2_long", 0.50, (3.0, 2.8, 2.7, 2.6), 100)
+    assert longer_table(tmp_path, "gpt2_e2e") == ""
+    e2e_record(1e-3, "smollm2_longer", 0.52, (3.0, 2.6, 2.5, 2.49), 300)
+    table = longer_table(tmp_path, "gpt2_e2e")
+    assert "Present: 1 of the 4 planned runs of preset=smollm2_longer." in table
+    assert "| test BLEU, 100 steps | test BLEU, 300 steps | flattened, 100 steps | flattened, 300 steps |" in table
+    assert ("| scaled_adamw | 0.001 | 1,200 pairs, one pass | 110 | 0.500 (1 seed) | **0.520 (1 seed)** | no (+3.7%) "
+            "| yes (+0.4%) |") in table
 
 
 def test_long_table_says_complete_only_when_every_planned_run_is_there(tmp_path, monkeypatch):
