@@ -127,15 +127,21 @@ def _mean_std(values: list[float], scale: float) -> str:
     return f"{_fmt(statistics.mean(values), scale)} ± {_fmt(statistics.stdev(values), scale)} ({len(values)})"
 
 
+def _main_metric(experiment: str, records: list) -> tuple[str, bool, float]:
+    """The experiment's main metric among the records' final metrics, whether higher is better, and the scale the
+    tables show it at (GLUE fractions as points)."""
+    names, higher = MAIN_METRICS[experiment]
+    metric = next((n for n in names if any(n in r.final_metrics for r in records)), names[0])
+    return metric, higher, 100.0 if experiment == "glue" else 1.0
+
+
 def long_table(results_dir: str | Path, experiment: str, root: Path = ROOT) -> str:
     """The Markdown table of one experiment's long runs (module docstring)."""
     long = LONG[experiment]
     planned = planned_runs(long, root)
     records = long_records(records_of(results_dir, experiment), long)
-    names, higher = MAIN_METRICS[experiment]
-    metric = next((n for n in names if any(n in r.final_metrics for r in records)), names[0])
+    metric, higher, scale = _main_metric(experiment, records)
     tolerance = tolerance_for(experiment, metric)
-    scale = 100.0 if experiment == "glue" else 1.0  # GLUE fractions as points
     by_label = defaultdict(list)
     for record in records:
         by_label[row_label(record)].append(record)
@@ -244,9 +250,7 @@ def longer_table(results_dir: str | Path, experiment: str, root: Path = ROOT) ->
     if not longer:
         return ""
     shorter = {(row_label(r), *_key(r)): r for r in long_records(records, long) if run_outcome(r) == "done"}
-    names, _ = MAIN_METRICS[experiment]
-    metric = next((n for n in names if any(n in r.final_metrics for r in records)), names[0])
-    scale = 100.0 if experiment == "glue" else 1.0
+    metric, _, scale = _main_metric(experiment, records)
     groups = defaultdict(list)
     for record in longer:
         groups[(record.tags["preset"], row_label(record), float(record.hparams["lr"]))].append(record)
