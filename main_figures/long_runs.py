@@ -185,9 +185,12 @@ LONG_STEPS: tuple[LongStep, ...] = (
              "AdamW (gradient) at lr 1e-3, seed 42", "glue",
              (Part("minilm_three_epochs", {"optim.lr": "1e-3", "seed": "42"}),)),
     LongStep("long_sst2_epochs_seeds", "MiniLM on SST-2, 3000 steps as three epochs: AdamW and scaled AdamW "
-             "(gradient) at lr 3e-3, seed 42, and at lr 1e-3, 3e-3, seeds 43, 44", "glue",
+             "(gradient) at lr 3e-3, seed 42, and at lr 1e-3, seeds 43, 44", "glue",
              (Part("minilm_three_epochs", {"optim.lr": "3e-3", "seed": "42"}),
-              Part("minilm_three_epochs", {"seed": "43,44"}))),
+              Part("minilm_three_epochs", {"optim.lr": "1e-3", "seed": "43,44"}))),
+    LongStep("long_sst2_epochs_seeds_b", "MiniLM on SST-2, 3000 steps as three epochs: AdamW and scaled AdamW "
+             "(gradient) at lr 3e-3, seeds 43, 44", "glue",
+             (Part("minilm_three_epochs", {"optim.lr": "3e-3", "seed": "43,44"}),)),
     LongStep("long_sst2_epochs_update", "MiniLM on SST-2, 3000 steps as three epochs: scaled AdamW (update) at lr "
              "3e-3, 1e-2, seeds 42, 43, 44", "glue", (Part("minilm_three_epochs_update"),)),
     LongStep("long_sst2_epochs_loraplus", "MiniLM on SST-2, 3000 steps as three epochs: LoRA+ at lr 1e-4, 3e-4, "

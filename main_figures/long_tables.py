@@ -46,9 +46,12 @@ LONG = {
                                                "minilm_long_lora_rite", "minilm_long_curves"), "minilm_long_curves"),
 }  # fmt: skip
 FLAT_TOLERANCE = 0.02
-FLAT_CRITERION = (f"flattened: over the last quarter of the run (from the last evaluation at or before 75% of the "
-                  f"steps to the final one) the validation loss fell by less than {FLAT_TOLERANCE:.0%} of its value, "
-                  f"for every seed at the best rate")  # fmt: skip
+FLAT_CRITERION = (f"flattened: the run stopped improving, i.e. in the last quarter of the run (the evaluations after "
+                  f"the last one at or before 75% of the steps) the validation loss reached no new low more than "
+                  f"{FLAT_TOLERANCE:.0%} below its lowest value before, for every seed at the best rate. In "
+                  f"brackets, the largest over those seeds of: low, how far the last quarter's lowest value lies below "
+                  f"the lowest before it; ends, the fall from the evaluation at the start of the last quarter to the "
+                  f"final one (a single evaluation at either end decides it)")  # fmt: skip
 
 
 def row_label(record) -> str:
@@ -80,34 +83,50 @@ def long_records(records: Iterable, long: LongExperiment) -> list:
     return [r for r in records if r.tags.get("preset") == long.preset and set(r.tags) <= allowed]
 
 
-def validation_drop(record, key: str) -> float:
-    """The relative fall of the validation loss over the last quarter of the run (:data:`FLAT_CRITERION`): ``nan``
-    without two evaluations to compare."""
+def _quarters(record, key: str) -> tuple[list[float], list[float]] | None:
+    """The validation losses of a run before and in its last quarter (:data:`FLAT_CRITERION`): ``None`` without an
+    evaluation on either side."""
     curve = {}
     for entry in record.evals:
         if entry.get(key) is not None and entry.get("step") is not None:
             curve[int(entry["step"])] = float(entry[key])  # the last evaluation of a step counts
-    if len(curve) < 2:
-        return float("nan")
     steps = sorted(curve)
-    total = int(record.final_metrics.get("steps") or steps[-1])
+    total = int(record.final_metrics.get("steps") or (steps[-1] if steps else 0))
     before = [s for s in steps if s <= 0.75 * total and s < steps[-1]]
     if not before:
+        return None
+    return [curve[s] for s in before], [curve[s] for s in steps if s > before[-1]]
+
+
+def validation_drop(record, key: str) -> float:
+    """The relative fall of the validation loss from the evaluation at the start of the run's last quarter to the
+    final one (*ends* in :data:`FLAT_CRITERION`): ``nan`` without two evaluations to compare."""
+    quarters = _quarters(record, key)
+    if quarters is None:
         return float("nan")
-    start, end = curve[before[-1]], curve[steps[-1]]
+    start, end = quarters[0][-1], quarters[1][-1]
     return (start - end) / start if start else float("nan")
 
 
-def _flat_text(drop: float) -> str:
-    """A validation-loss fall as the tables show it: flattened or not, and by how much (``-`` when unknown)."""
-    return f"{'yes' if drop < FLAT_TOLERANCE else 'no'} ({drop:+.1%})" if math.isfinite(drop) else "-"
+def validation_new_low(record, key: str) -> float:
+    """How far the lowest validation loss of the run's last quarter lies below the lowest before it, relative to the
+    latter (*low* in :data:`FLAT_CRITERION`; negative when the last quarter stays above it): ``nan`` without an
+    evaluation on either side."""
+    quarters = _quarters(record, key)
+    if quarters is None:
+        return float("nan")
+    before, last = min(quarters[0]), min(quarters[1])
+    return (before - last) / before if before else float("nan")
 
 
 def _flat_cell(records: list, key: str) -> str:
-    drops = [validation_drop(r, key) for r in records]
-    if not drops or any(not math.isfinite(d) for d in drops):
+    """Whether every run's validation loss flattened (:data:`FLAT_CRITERION`), with the largest *low* and *ends* over
+    the runs; ``-`` when a run has no curve to judge."""
+    lows = [validation_new_low(r, key) for r in records]
+    ends = [validation_drop(r, key) for r in records]
+    if not records or any(not math.isfinite(v) for v in lows + ends):
         return "-"
-    return _flat_text(max(drops))
+    return f"{'yes' if max(lows) < FLAT_TOLERANCE else 'no'} (low {max(lows):+.1%}, ends {max(ends):+.1%})"
 
 
 def _key(record) -> tuple[float, int]:
@@ -273,9 +292,8 @@ def longer_table(results_dir: str | Path, experiment: str, root: Path = ROOT) ->
     what = f"{'test' if experiment == 'gpt2_e2e' else 'dev'} {metric}"
     lines = [f"### {longer_runs.title}", "",
              f"{longer_runs.intro}, mean ± std over the seeds done at {long_steps} steps (the {short_steps}-step "
-             f"column over the same seeds); in bold, each optimizer's best rate in a preset. Flattened: the "
-             f"validation loss fell by less than {FLAT_TOLERANCE:.0%} over the run's last quarter, for every seed "
-             f"(the rule of the tables above). Present: {'; '.join(counts)}.", "",
+             f"column over the same seeds); in bold, each optimizer's best rate in a preset. Flattened: the rule "
+             f"of the tables above, for every seed in the row. Present: {'; '.join(counts)}.", "",
              f"| optimizer | lr | {long_steps} steps of | seeds | {what}, {short_steps} steps | {what}, {long_steps} "
              f"steps | flattened, {short_steps} steps | flattened, {long_steps} steps |",
              "|---|---|---|---|---|---|---|---|"]
