@@ -252,7 +252,8 @@ LONGER = {
         "runs of the same optimizer, rate and seeds. Dev accuracy (x 100) at the end",
         {"minilm_longer": ("one epoch of 24,000 sentences", ("minilm_longer",)),
          "minilm_three_epochs": ("three epochs of the 8,000 sentences",
-                                 ("minilm_three_epochs", "minilm_three_epochs_update", "minilm_three_epochs_loraplus"))}),
+                                 ("minilm_three_epochs", "minilm_three_epochs_update",
+                                  "minilm_three_epochs_loraplus"))}),
 }  # fmt: skip
 
 
