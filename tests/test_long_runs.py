@@ -212,6 +212,7 @@ README_STEPS = {
     "long_sst2_loraplus": ({"loraplus"}, GRID, {42}),
     "long_e2e_curves": ({"sgd", "scaled_gd"}, ["1e-2", "3e-2", "1e-1"], {110}),
     "long_e2e_longer": (BOTH, ["1e-3", "3e-3"], {110}),
+    "long_e2e_longer_seeds": (BOTH, ["1e-3", "3e-3"], {111}),
     "long_sst2_longer": (BOTH, ["1e-3", "3e-3"], {42}),
     "long_sst2_epochs": (BOTH, ["1e-3"], {42}),
     "long_sst2_epochs_seeds_b": (BOTH, ["3e-3"], {43, 44}),
@@ -223,6 +224,7 @@ README_STEPS = {
 }
 # the steps outside the long presets
 STEP_PRESETS = {"long_sst2_longer": "minilm_longer", "long_e2e_longer": "smollm2_longer",
+                "long_e2e_longer_seeds": "smollm2_longer",
                 **{f"long_sst2_epochs{part}": "minilm_three_epochs"
                    for part in ("", "_seeds", "_seeds_b", "_update", "_loraplus")}}
 # the paper's settings (each optimizer's conf/optim preset), one seed
@@ -432,7 +434,7 @@ def test_the_longer_e2e_runs_stand_beside_the_100_step_runs(tmp_path):
     assert longer_table(tmp_path, "gpt2_e2e") == ""
     e2e_record(1e-3, "smollm2_longer", 0.52, (3.0, 2.6, 2.5, 2.49), 300)
     table = longer_table(tmp_path, "gpt2_e2e")
-    assert "Present: 1 of the 4 planned runs of preset=smollm2_longer." in table
+    assert "Present: 1 of the 8 planned runs of preset=smollm2_longer." in table
     assert "| test BLEU, 100 steps | test BLEU, 300 steps | flattened, 100 steps | flattened, 300 steps |" in table
     assert ("| scaled_adamw | 0.001 | 1,200 pairs, one pass | 110 | 0.500 (1 seed) | **0.520 (1 seed)** | "
             "no (low +3.7%, ends +3.7%) | yes (low +0.4%, ends +0.4%) |") in table
