@@ -196,9 +196,9 @@ LONG_STEPS: tuple[LongStep, ...] = (
     LongStep("long_sst2_epochs_loraplus", "MiniLM on SST-2, 3000 steps as three epochs: LoRA+ at lr 1e-4, 3e-4, "
              "seeds 42, 43, 44", "glue", (Part("minilm_three_epochs_loraplus"),)),
     LongStep("long_e2e_longer", "SmolLM2 on E2E, 300 steps: AdamW and scaled AdamW (gradient) at lr 1e-3, 3e-3, "
-             "seed 110", "gpt2_e2e", (Part("long_longer", {"optim.lr": "3e-3,1e-3", "seed": "110"}),)),
+             "seed 110", "gpt2_e2e", (Part("long_longer", _grid("adamw,scaled_adamw", "3e-3,1e-3", 110)),)),
     LongStep("long_e2e_longer_seeds", "SmolLM2 on E2E, 300 steps: AdamW and scaled AdamW (gradient) at lr 1e-3, "
-             "3e-3, seed 111", "gpt2_e2e", (Part("long_longer", {"optim.lr": "3e-3,1e-3", "seed": "111"}),)),
+             "3e-3, seed 111", "gpt2_e2e", (Part("long_longer", _grid("adamw,scaled_adamw", "3e-3,1e-3", 111)),)),
 )  # fmt: skip
 # With these steps every run of the long sweeps has a step; together they take longer than 4 hours at the measured
 # costs (README "Long CPU runs" says which ones ran). Each sweep also runs alone, e.g.
