@@ -8,6 +8,9 @@ of the run to its end.
     hardware {device, cpu, gpu, torch, threads},
     steps [{step, loss, lr, time_s, ...}], evals [{step, ...}], final_metrics {...}, step_time_s (median time_s)
 
+``config`` is the resolved config with its paths relative to the repository, the data folder or the installed
+package they lie in, as the config files write them (:func:`portable_paths`).
+
 Lifecycle (``status``). ``with RunRecorder(...) as recorder:`` (or :meth:`RunRecorder.start`) writes the record at
 once with ``status: running``; every evaluation (:meth:`RunRecorder.log_metrics`) and checkpoint
 (:meth:`RunRecorder.save`) rewrites it; it is closed with ``done`` or ``diverged`` (:meth:`RunRecorder.finish`;
@@ -23,8 +26,10 @@ record's folder).
 Naming. ``run_name`` defaults to :func:`default_run_name`: a readable slug
 ``<optimizer>_lr<lr>[_reg<reg>]_seed<seed>[_<tag>-<value>...]`` and ``_<config_hash>``, 8 hex digits of the
 sha256 of the optimizer, hparams, seed, tags, the resolved config less :data:`HASH_EXCLUDED_KEYS` (what cannot
-change the results) and the caller's ``launch`` dict (e.g. ``{"world_size": 2}``). Two runs whose configurations
-differ never share a record; re-running one configuration replaces its record.
+change the results) with its paths written relative to the repository, the data folder or the installed package
+they lie in (:func:`portable_config`: where the files lie is not part of a run's identity) and the caller's
+``launch`` dict (e.g. ``{"world_size": 2}``). Two runs whose configurations differ never share a record;
+re-running one configuration replaces its record, from any clone on any machine.
 
 One run per record at a time. Starting a run creates ``<run_name>.lock`` beside the record (atomically, with
 ``O_EXCL``; it holds pid, host, start time and command) and removes it when the record is closed. A second run of
@@ -76,7 +81,7 @@ import torch
 __all__ = [
     "RunRecord", "RunRecorder", "load_records", "hardware_info", "default_run_name", "config_hash", "SCHEMA_VERSION",
     "READABLE_SCHEMA_VERSIONS", "InvalidRecordWarning", "RUN_STATUSES", "FINISHED_STATUSES", "HASH_EXCLUDED_KEYS",
-    "RecordLockedError", "RunInterrupted", "run_slug", "skip_finished",
+    "RecordLockedError", "RunInterrupted", "run_slug", "skip_finished", "portable_config", "portable_paths",
 ]  # fmt: skip
 
 SCHEMA_VERSION = 2
@@ -201,6 +206,70 @@ def run_slug(optimizer: str, hparams: dict[str, Any], seed: int, tags: dict[str,
     return "_".join(parts + [f"{k}-{_slug(v)}" for k, v in sorted(tags.items())])
 
 
+# Where a path value of a config may lie, written in the identity as the config files write it (the resolvers of
+# :mod:`harness.resolvers`), so that a run's identity does not depend on where the repository, the data or the
+# installed packages lie: ``/any/clone/harness/x`` -> ``${repo_root:}/harness/x``, ``<data root>/e2e/test.txt`` ->
+# ``${data_root:}/e2e/test.txt``, ``/any/venv/lib/python3.11/site-packages/pkg/model`` -> ``${package_dir:pkg}/model``
+# (the installed package's name: the model it ships is named by it).
+_SITE_PACKAGES = re.compile(r"^.*[/\\](?:site|dist)-packages[/\\]([^/\\]+)(.*)$")
+
+
+def _roots(config: dict[str, Any]) -> list[tuple[str, str]]:
+    """(absolute folder, placeholder) pairs, the longest folder first: the repository, the shared data folder of this
+    machine and the config's own ``data.root``."""
+    from .paths import REPO_ROOT, default_data_root  # paths imports nothing of the records
+
+    data = config.get("data")
+    folders = [(REPO_ROOT, "${repo_root:}"), (default_data_root(), "${data_root:}")]
+    if isinstance(data, dict) and isinstance(data.get("root"), str) and data["root"]:
+        folders.append((Path(data["root"]), "${data_root:}"))
+    pairs = set()
+    for folder, placeholder in folders:
+        for form in (Path(folder).expanduser(), Path(folder).expanduser().resolve()):
+            text = str(form).rstrip("/\\")
+            if text:
+                pairs.add((text, placeholder))
+    return sorted(pairs, key=lambda pair: -len(pair[0]))
+
+
+def _portable_path(value: str, roots: list[tuple[str, str]]) -> str:
+    """``value`` with the folder it lies in replaced by its placeholder (:data:`_SITE_PACKAGES`, :func:`_roots`);
+    a value that is not a path under one of them is returned as it is."""
+    match = _SITE_PACKAGES.match(value)
+    if match:
+        return f"${{package_dir:{match.group(1)}}}{match.group(2)}".replace("\\", "/")
+    for folder, placeholder in roots:
+        if value == folder or value.startswith((folder + "/", folder + "\\")):
+            return placeholder + value[len(folder):].replace("\\", "/")
+    return value
+
+
+def portable_paths(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` (a new dict) with every path under the repository, the data folder or an installed package written
+    relative to it as the config files write it (``${repo_root:}/...``, ``${data_root:}/...``,
+    ``${package_dir:NAME}/...``): what a record stores, so that its config means the same on any machine (it
+    resolves there with :mod:`harness.resolvers`) and holds no absolute path of the machine that wrote it. A value
+    written so already, or a path outside those folders, stays as it is."""
+    roots = _roots(config)
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: walk(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        if isinstance(value, str) and value:
+            return _portable_path(value, roots)
+        return value
+
+    return walk(config)
+
+
+def portable_config(config: dict[str, Any]) -> dict[str, Any]:
+    """What of a resolved ``config`` identifies its run: without :data:`HASH_EXCLUDED_KEYS`, its paths as
+    :func:`portable_paths` writes them, so that one configuration has one identity wherever it runs."""
+    return portable_paths(_without_excluded(config))
+
+
 def _without_excluded(config: dict[str, Any]) -> dict[str, Any]:
     config = copy.deepcopy(config)
     for dotted in HASH_EXCLUDED_KEYS:
@@ -222,12 +291,13 @@ def config_hash(
     seed: int,
     tags: dict[str, Any],
 ) -> str:
-    """8 hex digits of the sha256 of what defines a run: optimizer, hparams, seed, tags, the resolved ``config``
-    without :data:`HASH_EXCLUDED_KEYS` and the ``launch`` dict, as canonical JSON (sorted keys, the values as the
+    """8 hex digits of the sha256 of what defines a run: optimizer, hparams, seed, tags, the resolved ``config`` as
+    :func:`portable_config` writes it (without :data:`HASH_EXCLUDED_KEYS`, paths relative to the repository, the
+    data folder or an installed package) and the ``launch`` dict, as canonical JSON (sorted keys, the values as the
     record stores them, so a record's stored fields give back its hash)."""
     payload = {
         "optimizer": optimizer, "hparams": _plain(dict(hparams)), "seed": int(seed), "tags": _plain(dict(tags)),
-        "config": _without_excluded(_plain(dict(config or {}))), "launch": _plain(dict(launch or {})),
+        "config": portable_config(_plain(dict(config or {}))), "launch": _plain(dict(launch or {})),
     }  # fmt: skip
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:8]
@@ -354,7 +424,7 @@ class RunRecorder:
         self.resume = bool(resume)  # true and auto both continue a run a kill left behind (its stale lock)
         self.record = RunRecord(
             experiment=experiment, optimizer=optimizer, hparams=_plain(dict(hparams)), seed=int(seed),
-            config=_plain(dict(config or {})), tags=_plain(tags), launch=_plain(dict(launch or {})),
+            config=portable_paths(_plain(dict(config or {}))), tags=_plain(tags), launch=_plain(dict(launch or {})),
             hardware=hardware_info(), command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]), created=_now(),
         )  # fmt: skip
         record = self.record
@@ -666,11 +736,17 @@ def _read_record(path: Path) -> RunRecord:
 
 
 def load_records(
-    results_dir: str | os.PathLike, experiment: str | None = None, on_invalid: str = "raise", pending: bool = False
+    results_dir: str | os.PathLike, experiment: str | None = None, on_invalid: str = "raise", pending: bool = False,
+    deduplicate: bool = True,
 ) -> list[RunRecord]:
     """All records under ``results_dir`` (or its ``experiment`` folder), sorted by path. The re-runs of finished
     records (``*.pending.json``: running, or failed / interrupted beside the finished record they did not replace)
     only with ``pending=True``: a configuration's result is its finished record.
+
+    One record per configuration (``deduplicate``): two finished records of one configuration
+    (:func:`harness.migrations.run_identity`, e.g. one written by an older version under another name, or copied in
+    from another machine) are never both returned: the newest is, with a
+    :class:`harness.migrations.DuplicateRecordWarning` naming both files.
 
     A ``.json`` file that is not valid JSON or not a run record raises ``ValueError`` naming the file
     (``on_invalid="raise"``), or is skipped with an :class:`InvalidRecordWarning` naming it (``"warn"``).
@@ -681,14 +757,21 @@ def load_records(
     if not root.is_dir():
         raise FileNotFoundError(f"results folder '{root}' does not exist")
     pattern = f"{experiment}/*.json" if experiment else "*/*.json"
-    records = []
+    records, sources = [], []
     for path in sorted(root.glob(pattern)):
         if path.name.endswith(".pending.json") and not pending:
             continue
         try:
             records.append(_read_record(path))
+            sources.append(str(path))
         except ValueError as err:
             if on_invalid == "raise":
                 raise
             warnings.warn(f"skipped {err}", InvalidRecordWarning, stacklevel=2)
-    return records
+    if not deduplicate:
+        return records
+    from .migrations import one_per_configuration  # it builds on this module
+
+    finished = [i for i, source in enumerate(sources) if not source.endswith(".pending.json")]
+    kept = {id(r) for r in one_per_configuration([records[i] for i in finished], [sources[i] for i in finished])}
+    return [r for i, r in enumerate(records) if id(r) in kept or sources[i].endswith(".pending.json")]

@@ -123,14 +123,14 @@ def test_old_records_are_renamed_with_their_files(tmp_path):
     (folder / "adamw_lr0.001_seed0_preset-tiny.json").write_text(text)
     (folder / "predictions" / "adamw_lr0.001_seed0_preset-tiny.tsv").write_text("MR\toutput\n")
     (folder / "mine.json").write_text(json.dumps({**legacy, "run_name": "mine"}, indent=1) + "\n")
-    assert len(rename_records.main([str(tmp_path), "--dry-run"])) == 2
+    assert len(rename_records.main([str(tmp_path), "--dry-run"])) == 1  # one record (with its predictions)
     assert (folder / "adamw_lr0.001_seed0_preset-tiny.json").is_file()  # a dry run changes nothing
     rename_records.main([str(tmp_path)])
     new = default_run_name("adamw", {"lr": 0.001}, 0, {"preset": "tiny"}, {"lora": {"r": 4}})
     assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == [
         f"{new}.json", "mine.json", f"predictions/{new}.tsv"]
     assert (folder / f"{new}.json").read_text() == text.replace("adamw_lr0.001_seed0_preset-tiny", new)
-    assert rename_records.legacy_renames(tmp_path) == []  # nothing left to rename
+    assert rename_records.planned_migrations(tmp_path) == []  # nothing left to rename
 
 
 # ---------------------------------------------------------------------------------------------- one run per record
