@@ -39,6 +39,7 @@ from decoding import beam_decode  # noqa: E402
 from e2e_data import E2EDataset, collate, load_splits, scored_test_set, split_paths  # noqa: E402
 from lora_layers import apply_lora, count_trainable  # noqa: E402
 from models import check_model_source, load_model  # noqa: E402
+from harness import Rule  # noqa: E402
 
 EXPERIMENT = "gpt2_e2e"
 
@@ -85,8 +86,36 @@ def mean_loss(model: torch.nn.Module, loader: torch.utils.data.DataLoader, accel
     return (total[0] / total[1]).item()
 
 
+# Settings used only after training (decoding, the scored test MRs): a run that changes only these shares the
+# training of the run before it, and resume=true continues that finished training and redoes what follows it.
+AFTER_TRAINING = ("decode", "data.test_mrs")
+
+# Every number and choice this experiment reads, the decoding ones included (used only after training), checked
+# before anything is loaded (harness.check_settings).
+SETTINGS = (
+    *harness.TRAINING_RULES,
+    Rule("train.epochs", "int", minimum=1),
+    Rule("train.max_steps", "int", minimum=1, none=True, none_means="all epochs"),
+    Rule("train.warmup_steps", "int", minimum=0),
+    Rule("train.label_smoothing", "float", minimum=0, maximum=0.999999),
+    Rule("train.eval_every", "int", minimum=1, none=True, none_means="once per epoch"),
+    Rule("data.max_length", "int", minimum=2),
+    Rule("data.holdout_mrs", "int", minimum=0),
+    Rule("data.train_examples", "int", minimum=1, none=True, none_means="all"),
+    Rule("data.validation_examples", "int", minimum=1, none=True, none_means="all"),
+    Rule("data.test_mrs", "int", minimum=0, none=True, none_means="all; 0: no decoding"),
+    Rule("decode.num_beams", "int", minimum=1),
+    Rule("decode.length_penalty", "float"),
+    Rule("decode.no_repeat_ngram_size", "int", minimum=0),
+    Rule("decode.max_new_tokens", "int", minimum=1),
+    Rule("decode.batch_size", "int", minimum=1),
+)
+
+
 def check_config(cfg: DictConfig) -> None:
-    """Fail before loading anything on a config that cannot run."""
+    """Fail before loading anything on a config that cannot run: every setting (:data:`SETTINGS`), the optimizer
+    and its LoRA placement."""
+    harness.check_settings(cfg, SETTINGS)
     if cfg.optim.name not in harness.ALL_OPTIMIZERS:
         raise ValueError(f"unknown optimizer optim.name={cfg.optim.name!r}; "
                          f"expected one of {list(harness.ALL_OPTIMIZERS)}")
@@ -123,7 +152,7 @@ def make_recorder(cfg: DictConfig, launch: dict | None = None) -> harness.RunRec
         config=OmegaConf.to_container(cfg, resolve=True), launch=launch,
         tags=harness.record_tags(OmegaConf.to_container(cfg.tags, resolve=True), launch),
         run_name=cfg.run_name, wandb=OmegaConf.to_container(cfg.wandb) if cfg.wandb else None,
-        resume=cfg.resume,
+        resume=cfg.resume, after_training=AFTER_TRAINING,
     )  # fmt: skip
 
 
@@ -140,7 +169,8 @@ def main(cfg: DictConfig) -> float:
     if recorder is not None:
         recorder.check_can_start()  # another run of this configuration stops here, before anything is loaded
     # resume=true/false and the checkpoints of this run are checked now, before anything is loaded
-    checkpointer = harness.Checkpointer.from_config(cfg, harness.checkpoint_folder(recorder), accelerator)
+    checkpointer = harness.Checkpointer.from_config(cfg, harness.checkpoint_folder(recorder), accelerator,
+                                                    after_training=AFTER_TRAINING)
     return run(cfg, accelerator, recorder, checkpointer)
 
 

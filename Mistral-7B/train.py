@@ -35,8 +35,9 @@ from glue_metrics import compute_metrics_fn, primary_metric  # noqa: E402
 
 from core import NonFiniteGradientError, trainer_optimizer  # noqa: E402
 from harness import (  # noqa: E402
-    RecorderCallback, RunRecorder, TrainerCheckpoints, build_optimizer, check_launch, checkpoint_folder, is_local_path,
-    launch_info, needs_cpu_backend, record_tags, require_path, require_writable_folder, seed_everything, skip_finished,
+    RecorderCallback, Rule, RunRecorder, TrainerCheckpoints, build_optimizer, check_launch, check_settings,
+    checkpoint_folder, is_local_path, launch_info, needs_cpu_backend, record_tags, require_path,
+    require_writable_folder, seed_everything, skip_finished,
 )  # fmt: skip
 
 EXPERIMENT = "glue"
@@ -58,9 +59,31 @@ def nf4_config():
                               bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=False)
 
 
+# Every number and choice this experiment reads, checked before anything is loaded (harness.check_settings).
+SETTINGS = (
+    Rule("seed", "int"), Rule("threads", "int", minimum=1, none=True, none_means="torch's default"),
+    Rule("train.batch_size", "int", minimum=1), Rule("train.eval_batch_size", "int", minimum=1),
+    Rule("train.grad_accum", "int", minimum=1),
+    Rule("train.epochs", "float", above=0),
+    Rule("train.max_steps", "int", minimum=1, also=(-1,)),  # -1: Trainer's "no step limit" (the epochs decide)
+    Rule("train.warmup_ratio", "float", minimum=0, maximum=0.999999),
+    Rule("train.max_grad_norm", "float", above=0, none=True, none_means="no clipping"),
+    Rule("train.logging_steps", "int", minimum=1),
+    Rule("train.eval_steps", "int", minimum=1, none=True, none_means="Trainer's default"),
+    Rule("train.eval_strategy", "choice", choices=("no", "steps", "epoch")),
+    Rule("train.scheduler", "choice", choices=("linear", "cosine", "constant", "constant_with_warmup")),
+    Rule("train.num_workers", "int", minimum=0),
+    Rule("data.max_length", "int", minimum=1),
+    Rule("data.max_train_samples", "int", minimum=1, none=True, none_means="all"),
+    Rule("data.max_eval_samples", "int", minimum=1, none=True, none_means="all"),
+)
+
+
 def preflight(cfg: DictConfig) -> None:
-    """Everything that could fail after training, checked before anything is loaded: the task's data files (under
-    ``data.root``), a local model folder, bitsandbytes for ``quantize``, writable results and output folders."""
+    """Everything that could fail after training, checked before anything is loaded: every setting
+    (:data:`SETTINGS`), the task's data files (under ``data.root``), a local model folder, bitsandbytes for
+    ``quantize``, writable results and output folders."""
+    check_settings(cfg, SETTINGS)
     if cfg.data.root is not None:
         glue_data.split_files(cfg.data.root, cfg.task.name)
     if is_local_path(cfg.model.name_or_path):
@@ -189,8 +212,6 @@ def train(cfg: DictConfig) -> float:
 
     task = cfg.task.name
     preflight(cfg)
-    if not 0 <= cfg.train.warmup_ratio < 1:
-        raise ValueError(f"train.warmup_ratio must lie in [0, 1), got {cfg.train.warmup_ratio!r}")
     check_launch()
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))

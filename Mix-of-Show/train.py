@@ -66,7 +66,8 @@ def main(cfg: DictConfig) -> float:
         embedding_lr=cfg.edlora.embedding_lr if cfg.edlora.train_embeddings else 0.0)
     if skip_finished(cfg.skip_finished, recorder):  # skip_finished=true: a finished configuration stops here
         return math.nan
-    checkpointer = Checkpointer.from_config(cfg, checkpoint_folder(recorder), accelerator)  # resume rules checked
+    checkpointer = Checkpointer.from_config(cfg, checkpoint_folder(recorder), accelerator,
+                                           after_training=D.AFTER_TRAINING)  # resume rules checked
     optimizer = build_optimizer(model, name, group_overrides=overrides, **hparams)
     counts = D.trainable_counts(model, optimizer)  # recorded: LoRA + token embedding, LoRA pairs
     if cfg.edlora.train_embeddings:  # which rows learn (all frozen at the norm threshold) is part of a checkpoint
@@ -99,7 +100,8 @@ def main(cfg: DictConfig) -> float:
                             stop_on_divergence=cfg.train.stop_on_divergence, checkpointer=checkpointer)
 
         # -- inference: fuse LoRA at fusion_scale, one image per seed, black-image share (+ CLIP scores)
-        final = {"final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])), "steps_done": len(losses), **counts}
+        last = losses[-10:]
+        final = {"final_loss": sum(last) / len(last) if last else None, "steps_done": len(losses), **counts}
         if accelerator.is_main_process:
             model = accelerator.unwrap_model(model)
             rows = model.text_encoder.get_input_embeddings().weight[new_ids].detach()

@@ -52,7 +52,8 @@ def main(cfg: DictConfig) -> float:
     recorder = D.make_recorder(cfg, EXPERIMENT, name, hparams, results_dir, accelerator)
     if skip_finished(cfg.skip_finished, recorder):  # skip_finished=true: a finished configuration stops here
         return math.nan
-    checkpointer = Checkpointer.from_config(cfg, checkpoint_folder(recorder), accelerator)  # resume rules checked
+    checkpointer = Checkpointer.from_config(cfg, checkpoint_folder(recorder), accelerator,
+                                           after_training=D.AFTER_TRAINING)  # resume rules checked
     optimizer = build_optimizer(model, name, group_overrides=overrides, **hparams)
     counts = D.trainable_counts(model, optimizer)  # recorded: LoRA + token embedding, LoRA pairs
     if new_ids:
@@ -74,7 +75,8 @@ def main(cfg: DictConfig) -> float:
                             stop_on_divergence=cfg.train.stop_on_divergence, checkpointer=checkpointer)
 
         # -- inference: fuse LoRA at fusion_scale, one image per seed, black-image share (+ CLIP scores)
-        final = {"final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])), "steps_done": len(losses), **counts}
+        last = losses[-10:]
+        final = {"final_loss": sum(last) / len(last) if last else None, "steps_done": len(losses), **counts}
         if accelerator.is_main_process:
             model = accelerator.unwrap_model(model)
             final.update(unet_lora_delta=D.lora_delta_norm(model.unet),

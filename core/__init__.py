@@ -5,7 +5,7 @@
 """
 
 from .factory import HPARAMS, OPTIMIZER_NAMES, build_optimizer, trainer_optimizer
-from .optimizers import NonFiniteGradientError, ScaledAdamW, ScaledGD
+from .optimizers import NonFiniteGradientError, ScaledAdamW, ScaledGD, UnheldGradientWarning
 from .pairing import LoraPair, LoraPairingError, find_lora_pairs
 from .preconditioner import preconditioned_directions
 from .reference import ScaledAdamWReference, ScaledGDReference
@@ -13,5 +13,6 @@ from .reference import ScaledAdamWReference, ScaledGDReference
 __all__ = [
     "build_optimizer", "trainer_optimizer", "OPTIMIZER_NAMES", "HPARAMS",
     "ScaledGD", "ScaledAdamW", "ScaledGDReference", "ScaledAdamWReference", "NonFiniteGradientError",
+    "UnheldGradientWarning",
     "find_lora_pairs", "LoraPair", "LoraPairingError", "preconditioned_directions",
 ]  # fmt: skip

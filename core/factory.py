@@ -97,7 +97,24 @@ def build_optimizer(
             group["param_names"].append(param_name)
     param_groups = [g for g in groups.values() if g["lora_pairs"] or g["params"]]
     cls = ScaledGD if name in ("sgd", "scaled_gd") else ScaledAdamW
-    return cls(param_groups, precondition=scaled, **hparams)
+    optimizer = cls(param_groups, precondition=scaled, **hparams)
+    optimizer.watch_unheld_gradients(module)  # a parameter that starts training later is warned of, once
+    return optimizer
+
+
+def _build_for_trainer(build: Callable[..., torch.optim.Optimizer], name: str, model: nn.Module,
+                       **hparams: Any) -> torch.optim.Optimizer:
+    """What Trainer calls: ``build(model, name=name, **hparams)``, once ``hparams`` give the learning rate. Trainer
+    hands a factory none of its ``TrainingArguments``, so without ``lr`` the optimizer would train at its class
+    default whatever ``learning_rate`` says: refused."""
+    if "lr" not in hparams:
+        raise ValueError(
+            f"trainer_optimizer({name!r}) was called without 'lr': Trainer passes an optimizer factory only the kwargs "
+            f"of optimizer_cls_and_kwargs, not TrainingArguments' learning_rate or weight_decay. Give them there, e.g. "
+            f"optimizer_cls_and_kwargs=(trainer_optimizer({name!r}), {{'lr': args.learning_rate, 'weight_decay': "
+            f"args.weight_decay, ...}})"
+        )
+    return build(model, name=name, **hparams)
 
 
 class _TrainerOptimizer:
@@ -107,7 +124,7 @@ class _TrainerOptimizer:
         self.name, self.build = name, build
 
     def __call__(self) -> Callable[..., torch.optim.Optimizer]:
-        return functools.partial(self.build, name=self.name)
+        return functools.partial(_build_for_trainer, self.build, self.name)
 
     def __repr__(self) -> str:
         return f"trainer_optimizer({self.name!r})"

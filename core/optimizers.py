@@ -14,11 +14,13 @@ from __future__ import annotations
 import itertools
 import math
 import re
+import warnings
+import weakref
 from collections.abc import Sequence as SequenceABC
 from typing import Any, Iterable, NamedTuple, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim.adamw import adamw
 from torch.optim.sgd import sgd
 
@@ -27,12 +29,17 @@ from .pairing import LoraPair, check_pair, pair_named_parameters
 from .preconditioner import compute_dtype, direction_dtype, preconditioned_directions
 from .sharded import all_finite, check_not_flattened, check_sharding, sharded_directions
 
-__all__ = ["ScaledGD", "ScaledAdamW", "NonFiniteGradientError", "sgd_update", "adam_normalised_step"]
+__all__ = ["ScaledGD", "ScaledAdamW", "NonFiniteGradientError", "UnheldGradientWarning", "sgd_update",
+           "adam_normalised_step"]
 VARIANTS = ("gradient", "update")
 
 
 class NonFiniteGradientError(FloatingPointError):
     """A gradient (or the update direction made from a finite one) holds inf or NaN; raised before any change."""
+
+
+class UnheldGradientWarning(UserWarning):
+    """Trainable parameters of the model have gradients but are not in the optimizer (warned once, at step())."""
 
 
 def _check_nonnegative(name: str, value: Any) -> None:
@@ -170,6 +177,7 @@ class _LoraOptimizer(torch.optim.Optimizer):
     def __init__(self, params: Iterable, defaults: dict, precondition: bool, check_finite: bool):
         self.precondition, self.check_finite = precondition, check_finite
         self._hyperparameters = tuple(defaults)  # this class's; others may add to self.defaults (accelerate does)
+        self._unheld: weakref.ref | None = None  # the module whose unheld gradients step() warns of, once
         self._workspaces: dict[int, Workspace] = {}  # per group, the batched preconditioner's (see core._workspace)
         self._pair_shapes: dict[int, list] = {}  # per group, the factor shapes last checked to chain
         params = list(params)
@@ -192,8 +200,52 @@ class _LoraOptimizer(torch.optim.Optimizer):
             f"core.build_optimizer(model, '{name}', ...); precondition=False makes it the plain optimizer on purpose"
         )
 
+    # Keys a parameter group may hold besides the hyperparameters (self.defaults): the inputs of _normalize_group,
+    # what it makes of them, and what torch's own code adds (a name, the schedulers' initial_lr).
+    _GROUP_EXTRA_KEYS = frozenset({"params", "lora_pairs", "pairs", "param_names", "name", "initial_lr"})
+    # Hyperparameters added after states were first saved, with the value of the code before them: a saved state
+    # without one was trained with that value and loads with it.
+    _ADDED_HYPERPARAMETERS: dict[str, Any] = {}
+
+    def __getstate__(self) -> dict:
+        """torch.optim's state (defaults, state, groups) and this class's settings; the caches are rebuilt."""
+        return {**super().__getstate__(), "precondition": self.precondition, "check_finite": self.check_finite,
+                "_hyperparameters": self._hyperparameters}  # fmt: skip
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._workspaces, self._pair_shapes = {}, {}
+        self.__dict__.setdefault("_unheld", None)
+
+    def watch_unheld_gradients(self, module: nn.Module) -> None:
+        """Warn once, at :meth:`step`, when a trainable parameter of ``module`` that this optimizer does not hold
+        has a gradient: it would never be stepped (a PEFT ``set_adapter`` to another adapter, a layer unfrozen after
+        the optimizer was built). :func:`core.build_optimizer` calls it with the model it was built over."""
+        self._unheld = weakref.ref(module)
+
+    def _warn_unheld_gradients(self) -> None:
+        module = self._unheld() if self._unheld is not None else None
+        if module is None:
+            return
+        held = {id(p) for group in self.param_groups for p in group["params"]}
+        names = [n for n, p in module.named_parameters() if p.requires_grad and p.grad is not None and id(p) not in held]
+        if names:
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            warnings.warn(f"{len(names)} trainable parameter(s) of the model have gradients but are not in this "
+                          f"{type(self).__name__}, so they are never stepped: {shown}. Build the optimizer after "
+                          "choosing what trains (PEFT set_adapter, unfreezing), or add them with add_param_group",
+                          UnheldGradientWarning, stacklevel=3)  # fmt: skip
+            self._unheld = None  # once
+
     def add_param_group(self, param_group: dict) -> None:
         index = len(self.param_groups)
+        if not isinstance(param_group, dict):
+            raise TypeError(f"a parameter group is a dict, got {type(param_group).__name__}")
+        unknown = sorted(set(param_group) - set(self.defaults) - self._GROUP_EXTRA_KEYS)
+        if unknown:
+            raise ValueError(f"parameter group {index} has unknown key(s) {unknown}; a group of "
+                             f"{type(self).__name__} may set {sorted(self._hyperparameters)} besides 'params', "
+                             "'lora_pairs' and 'param_names'")  # fmt: skip
         group = _normalize_group(param_group, self.precondition)
         if self.precondition and "lora_pairs" in param_group and not group["params"]:
             raise ValueError(f"parameter group {index} has an empty 'lora_pairs' list and no 'params'")
@@ -270,6 +322,9 @@ class _LoraOptimizer(torch.optim.Optimizer):
             loaded = self._foreign_group(where, group, saved)
         else:
             missing = sorted(set(self._hyperparameters) - set(saved))
+            if missing and set(missing) <= set(self._ADDED_HYPERPARAMETERS):  # saved before these existed
+                saved = {**{k: self._ADDED_HYPERPARAMETERS[k] for k in missing}, **saved}
+                missing = []
             if missing:
                 kind = ("an AdamW-type optimizer" if "betas" in saved else "an SGD-type optimizer" if "momentum" in
                         saved else "another optimizer")  # fmt: skip
@@ -424,6 +479,14 @@ class _LoraOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._unheld is not None:
+            self._warn_unheld_gradients()
+        for gi, group in enumerate(self.param_groups):
+            for p, name in zip(group["params"], group["param_names"]):
+                if p.is_meta:
+                    raise ValueError(f"parameter group {gi}, parameter '{name}' is on the meta device (no data): "
+                                     "materialise the model before stepping (e.g. model.to_empty(device=...) and "
+                                     "load its weights)")  # fmt: skip
         sums: list[Tensor] | None = [] if self.check_finite else None
         steps = [self._prepare(gi, group, sums) for gi, group in enumerate(self.param_groups)]
         if sums:
@@ -525,6 +588,9 @@ class ScaledAdamW(_LoraOptimizer):
             variant=variant, fused=fused,
         )  # fmt: skip
         super().__init__(params, defaults, precondition, check_finite)
+
+    # saved before these existed: the authors' gradient variant, torch's choice of kernel
+    _ADDED_HYPERPARAMETERS = {"variant": "gradient", "fused": None}
 
     def _check_group(self, group: dict) -> None:
         super()._check_group(group)

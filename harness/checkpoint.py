@@ -27,6 +27,7 @@ A run's checkpoints live in ``<results_dir>/<experiment>/checkpoints/<run_name>/
 from __future__ import annotations
 
 import collections
+import glob
 import json
 import os
 import random
@@ -59,11 +60,14 @@ OPTIMIZER = "optimizer.bin"  # the optimizer, named as accelerate names it (the 
 
 # ------------------------------------------------------------------------------------------------ pieces
 def checkpoint_folder(recorder) -> Path:
-    """``<results_dir>/<experiment>/checkpoints/<run_name>/``, from the run's :class:`harness.RunRecorder`.
+    """``<results_dir>/<experiment>/checkpoints/<training name>/``, from the run's :class:`harness.RunRecorder`:
+    its run name, or with settings used only after training (``RunRecorder(after_training=...)``) the name of its
+    training alone (:func:`harness.records.training_name`), so that a run which changes only those resumes the
+    finished training.
 
     Under several processes where only the main one holds a recorder (``None`` elsewhere), every process gets the
     main one's folder (broadcast over ``torch.distributed``)."""
-    folder = None if recorder is None else str(Path(recorder.path).parent / "checkpoints" / Path(recorder.path).stem)
+    folder = None if recorder is None else str(Path(recorder.path).parent / "checkpoints" / recorder.training_name)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         shared = [folder]
         torch.distributed.broadcast_object_list(shared, src=0)
@@ -137,6 +141,41 @@ def config_difference(saved: Any, current: Any, ignore: Iterable[str] = IGNORED_
     return None
 
 
+def config_differences(saved: Any, current: Any, ignore: Iterable[str] = IGNORED_KEYS, prefix: str = "") -> list[str]:
+    """Every key (dotted, sorted) whose value differs between two resolved configs, as ``"<key>: <saved> ->
+    <current>"`` (``<absent>`` for a missing key); top-level keys in ``ignore`` are skipped."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        out = []
+        for key in sorted(set(saved) | set(current), key=str):
+            if not prefix and key in ignore:
+                continue
+            name = f"{prefix}{key}"
+            if key not in saved or key not in current:
+                out.append(f"{name}: {saved.get(key, '<absent>')!r} -> {current.get(key, '<absent>')!r}")
+                continue
+            out += config_differences(saved[key], current[key], ignore, f"{name}.")
+        return out
+    if saved != current or type(saved) is not type(current) and not {type(saved), type(current)} <= {int, float}:
+        return [f"{prefix.rstrip('.')}: {saved!r} -> {current!r}"]
+    return []
+
+
+def _comparable(config: dict, after_training: tuple[str, ...]) -> dict:
+    """A config as a resume compares it: its paths portable (:func:`harness.records.portable_paths`: a clone moved
+    elsewhere resumes) and without the ``after_training`` keys (dotted)."""
+    from .records import portable_paths
+
+    config = portable_paths(config)
+    for dotted in after_training:
+        *parents, last = dotted.split(".")
+        node = config
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return config
+
+
 def _write_atomically(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file renamed over it: ``path`` is never half-written."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -180,9 +219,11 @@ class RunCheckpoints:
     prefix = "step-"
 
     def __init__(self, folder: str | os.PathLike, *, every: int | None = None, keep: int = 2,
-                 resume: bool | str = False, config: dict | None = None, world_size: int = 1, main: bool = True):
+                 resume: bool | str = False, config: dict | None = None, world_size: int = 1, main: bool = True,
+                 after_training: tuple[str, ...] = ()):
         self.every, self.keep, self.resume = _settings(every, keep, resume)
         self.folder, self.config, self.world_size, self.main = Path(folder), config or {}, world_size, main
+        self.after_training = tuple(after_training)  # dotted keys a resumed run may change: used after training
         if self.every and self.main:  # a folder that cannot be written would fail at the first save, after training
             require_writable_folder(self.folder, "checkpoint folder (checkpoint.every)")
         self.resume_from, self.resumed_step = self._resume_point()  # (None, 0) for a fresh run
@@ -251,7 +292,8 @@ class RunCheckpoints:
             return None, 0
         if not complete:
             raise FileNotFoundError(f"resume=true, but '{self.folder}' holds no complete checkpoint of this run"
-                                    + (" (only a save that was cut short)" if incomplete else ""))
+                                    + (" (only a save that was cut short)" if incomplete else "")
+                                    + self._siblings_note())
         step, folder = complete[-1]
         try:
             manifest = self.manifest(folder)
@@ -261,7 +303,7 @@ class RunCheckpoints:
             raise ValueError(f"checkpoint {folder} was written by {manifest['world_size']} processes, this run has "
                              f"{self.world_size}: resume with as many")
         saved = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        difference = config_difference(saved, self.config)
+        difference = config_difference(*(_comparable(c, self.after_training) for c in (saved, self.config)))
         if difference:
             raise ValueError(f"resume=true: checkpoint {folder} is of another configuration ({difference}); "
                              f"a resumed run keeps every setting but {', '.join(IGNORED_KEYS)}")
@@ -271,6 +313,34 @@ class RunCheckpoints:
                 shutil.rmtree(leftover)
             print(f"resuming from {folder} (step {step})")
         return folder, step
+
+    def _siblings_note(self) -> str:
+        """For the error of a resume that finds nothing: the runs beside this one with the same readable name (the
+        slug before the configuration hash) that have a complete checkpoint, each with every key whose value
+        differs from this run's (a hyperparameter changed since that run, e.g.), or "" when there are none."""
+        slug, _, digest = self.folder.name.rpartition("_")
+        if not slug or not re.fullmatch(r"[0-9a-f]{8}", digest) or not self.folder.parent.is_dir():
+            return ""
+        notes = []
+        for sibling in sorted(self.folder.parent.glob(f"{glob.escape(slug)}_*")):
+            if sibling == self.folder or not re.fullmatch(r"[0-9a-f]{8}", sibling.name[len(slug) + 1:]):
+                continue
+            found = RunCheckpoints.__new__(RunCheckpoints)
+            found.folder, found.prefix = sibling, self.prefix
+            if not found.complete():
+                continue
+            config_file = found.complete()[-1][1] / "config.json"
+            try:
+                saved = json.loads(config_file.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            changed = config_differences(*(_comparable(c, self.after_training) for c in (saved, self.config)))
+            notes.append(f"'{sibling}' ({'; '.join(changed) or 'no key differs'})")
+        if not notes:
+            return ""
+        return (". Runs of the same name with checkpoints, and what differs from this run (there -> here): "
+                + ", ".join(notes) + ". A resumed run keeps every setting of its checkpoint: undo the change to "
+                "continue that run, or run this configuration afresh with resume=false")
 
     # -- writing
     def staging(self, step: int) -> Path:
@@ -421,9 +491,11 @@ class Checkpointer(RunCheckpoints):
         self._dataset: ResumableDataset | None = None
 
     @classmethod
-    def from_config(cls, cfg, folder: str | os.PathLike, accelerator=None) -> "Checkpointer":
-        """``checkpoint.every``, ``checkpoint.keep`` and ``resume`` of an experiment config (errors, if any, now)."""
-        return super().from_config(cfg, folder, accelerator=accelerator)
+    def from_config(cls, cfg, folder: str | os.PathLike, accelerator=None,
+                    after_training: tuple[str, ...] = ()) -> "Checkpointer":
+        """``checkpoint.every``, ``checkpoint.keep`` and ``resume`` of an experiment config (errors, if any, now);
+        ``after_training``: the dotted keys of settings used only after training, which a resumed run may change."""
+        return super().from_config(cfg, folder, accelerator=accelerator, after_training=after_training)
 
     def register(self, **objects: Any) -> None:
         """More state to checkpoint, by name: objects with ``state_dict()``/``load_state_dict()``, or plain dicts

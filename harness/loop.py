@@ -36,6 +36,24 @@ def mean_over_processes(value: torch.Tensor, accelerator: Any = None) -> torch.T
     return accelerator.reduce(value, reduction="mean")
 
 
+def _check_loop_arguments(max_steps: Any, epochs: Any, grad_clip: Any, eval_every: Any) -> None:
+    """The loop's numbers, refused when they would train silently wrong: no step at all (``max_steps`` or
+    ``epochs`` < 1), an ascent (a negative ``grad_clip`` flips every gradient in ``clip_grad_norm_``), an evaluation
+    at every step (``eval_every`` < 1). A ``ValueError`` naming the argument and its value."""
+    def whole(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if max_steps is not None and not (whole(max_steps) and max_steps >= 1):
+        raise ValueError(f"max_steps must be an integer >= 1 or None (all epochs), got {max_steps!r}")
+    if not (whole(epochs) and epochs >= 1):
+        raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
+    if grad_clip is not None and not (isinstance(grad_clip, (int, float)) and not isinstance(grad_clip, bool)
+                                      and math.isfinite(grad_clip) and grad_clip > 0):
+        raise ValueError(f"grad_clip must be a number > 0 or None (no clipping), got {grad_clip!r}")
+    if eval_every is not None and not (whole(eval_every) and eval_every >= 1):
+        raise ValueError(f"eval_every must be an integer >= 1 or None (no evaluation), got {eval_every!r}")
+
+
 def train_loop(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -72,6 +90,7 @@ def train_loop(
     ``checkpointer.every``-th step (logged and evaluated) and after the last one, and a resumed run starts where its
     checkpoint stood: the returned losses are then those of the whole run.
     """
+    _check_loop_arguments(max_steps, epochs, grad_clip, eval_every)
     total = max_steps if max_steps is not None else (epochs * len(batches) if hasattr(batches, "__len__") else None)
     params = [p for p in model.parameters() if p.requires_grad]
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
@@ -94,7 +113,7 @@ def train_loop(
                     if not torch.isfinite(step_loss):
                         raise TrainingDiverged(f"loss is {step_loss.item()} at step {step + 1}", step + 1)
                     accelerator.backward(loss) if accelerator is not None else loss.backward()
-                    if grad_clip:
+                    if grad_clip is not None:
                         clip = accelerator.clip_grad_norm_ if accelerator is not None else nn.utils.clip_grad_norm_
                         clip(params, grad_clip)
                     sync()

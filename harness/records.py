@@ -81,7 +81,7 @@ import torch
 __all__ = [
     "RunRecord", "RunRecorder", "load_records", "hardware_info", "default_run_name", "config_hash", "SCHEMA_VERSION",
     "READABLE_SCHEMA_VERSIONS", "InvalidRecordWarning", "RUN_STATUSES", "FINISHED_STATUSES", "HASH_EXCLUDED_KEYS",
-    "RecordLockedError", "RunInterrupted", "run_slug", "skip_finished", "portable_config", "portable_paths",
+    "RecordLockedError", "RunInterrupted", "run_slug", "skip_finished", "portable_config", "portable_paths", "training_name",
 ]  # fmt: skip
 
 SCHEMA_VERSION = 2
@@ -303,6 +303,26 @@ def config_hash(
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:8]
 
 
+def training_name(record: "RunRecord", after_training: tuple[str, ...]) -> str:
+    """The name of a record's training: its slug and the hash of its identity without the ``after_training`` keys
+    (dotted config keys of the settings used only after training, e.g. decoding or sampling; a top-level one also
+    leaves the hparam of that name out). Two runs that differ only in those keys share their training, hence their
+    checkpoint folder (:func:`harness.checkpoint_folder`): a fix to a decoding setting resumes the finished
+    training instead of redoing it."""
+    config = copy.deepcopy(record.config)
+    for dotted in after_training:
+        *parents, last = dotted.split(".")
+        node = config
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    hparams = {k: v for k, v in record.hparams.items() if k not in after_training}
+    digest = config_hash(config, record.launch, optimizer=record.optimizer, hparams=hparams, seed=record.seed,
+                         tags=record.tags)  # fmt: skip
+    return f"{run_slug(record.optimizer, hparams, record.seed, record.tags)}_{digest}"
+
+
 def default_run_name(
     optimizer: str,
     hparams: dict[str, Any],
@@ -417,6 +437,7 @@ class RunRecorder:
         wandb: dict[str, Any] | bool | None = None,
         launch: dict[str, Any] | None = None,
         resume: bool | str = False,
+        after_training: tuple[str, ...] = (),
     ):
         tags = dict(tags or {})
         if not (isinstance(resume, bool) or resume == "auto"):
@@ -432,6 +453,8 @@ class RunRecorder:
                                          seed=record.seed, tags=record.tags)  # fmt: skip
         record.run_name = run_name or "_".join([run_slug(optimizer, record.hparams, record.seed, record.tags),
                                                 record.config_hash])
+        self.after_training = tuple(after_training)
+        self.training_name = training_name(record, self.after_training) if self.after_training else record.run_name
         self._locate(Path(results_dir) / experiment)
         self._write_path: Path | None = None  # the file this run writes: path, or pending_path (module docstring)
         self._reopened = False
@@ -462,6 +485,7 @@ class RunRecorder:
         self._write_path = path
         self._reopened = True
         self.resume = False
+        self.after_training, self.training_name = (), self.record.run_name
         self._started = self._closed = False
         self._sigterm_handler = []
         self._wandb_settings = self._wandb = None
@@ -655,7 +679,8 @@ class RunRecorder:
         """Continue the record ``state`` (from :meth:`state_dict` of the same run): its steps, evaluations, final
         metrics and creation time replace this recorder's; this process's config, hardware and command stay."""
         saved = RunRecord.from_dict(state, "the checkpoint's record")
-        if saved.run_name != self.record.run_name:
+        same_training = bool(self.after_training) and training_name(saved, self.after_training) == self.training_name
+        if saved.run_name != self.record.run_name and not same_training:
             raise ValueError(f"the checkpoint's record is of run {saved.run_name!r}, not {self.record.run_name!r}")
         self.record.steps, self.record.evals = saved.steps, saved.evals
         self.record.final_metrics, self.record.created = saved.final_metrics, saved.created

@@ -350,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help="comma-separated product keys (e.g. theory,peers,lr); default all")
     parser.add_argument("--list", action="store_true", help="list the product keys and exit")
     args = parser.parse_args(argv)
+    if not args.results.is_dir():  # a typo must not rewrite summary.md as "everything missing"
+        print(f"error: results folder '{args.results}' does not exist (nothing was written)", file=sys.stderr)
+        return 2
     if args.list:
         for p in list(PRODUCTS) + lr_products(args.results):
             print(f"{p.key:22s} {p.title}  ->  {p.output}")

@@ -173,13 +173,24 @@ class LoraNeurons(nn.Module):
         return convex_relu(X, patterns, self.merged_weight())
 
 
+def perturbed(A0: Tensor, B0: Tensor, perturbation: int, scale: float) -> tuple[Tensor, Tensor]:
+    """The start ``(A0, B0)`` with every entry multiplied by ``1 + scale * xi`` (``xi`` standard normal, drawn from a
+    generator seeded ``perturbation``); ``perturbation = 0`` is the start itself. With ``scale`` near float64's
+    rounding (1e-12), this is the size of the difference that another CPU's kernels make to a run: what the
+    sensitivity study (:func:`run_sensitivity`) measures."""
+    if perturbation == 0:
+        return A0, B0
+    g = torch.Generator().manual_seed(int(perturbation))
+    return tuple(t * (1 + scale * torch.randn(t.shape, generator=g, dtype=t.dtype)) for t in (A0, B0))
+
+
 class ConvexReLULoRA(nn.Module):
     """The fine-tuned model; its trainable parameters are ``layer.lora_A.default.weight`` and
-    ``layer.lora_B.default.weight``, initialized spectrally."""
+    ``layer.lora_B.default.weight``, initialized spectrally (optionally :func:`perturbed`)."""
 
-    def __init__(self, problem: Problem):
+    def __init__(self, problem: Problem, perturbation: int = 0, perturbation_scale: float = 0.0):
         super().__init__()
-        A0, B0 = spectral_init(problem)
+        A0, B0 = perturbed(*spectral_init(problem), perturbation, perturbation_scale)
         self.layer = LoraNeurons(problem.W0, A0, B0)
 
     def forward(self, X: Tensor, patterns: Tensor) -> Tensor:
@@ -224,10 +235,13 @@ def run_one(
     diverge_at: float = 1e6,
     log_every: int = 50,
     recorder: RunRecorder | None = None,
+    perturbation: int = 0,
+    perturbation_scale: float = 0.0,
 ) -> RunResult:
     """Full-batch training of the LoRA pair with ``core.build_optimizer(model, **optim)`` until the relative loss
-    ``L(W0 + BA) / L(W0)`` reaches ``tol``, exceeds ``diverge_at`` (diverged), or ``max_iters`` steps were taken."""
-    model = ConvexReLULoRA(problem)
+    ``L(W0 + BA) / L(W0)`` reaches ``tol``, exceeds ``diverge_at`` (diverged), or ``max_iters`` steps were taken;
+    from the spectral start, or from a :func:`perturbed` one."""
+    model = ConvexReLULoRA(problem, perturbation, perturbation_scale)
     optimizer = build_optimizer(model, **optim)
     lr = float(optim.get("lr", float("nan")))
     with torch.no_grad():
@@ -275,22 +289,34 @@ def results_root(cfg: DictConfig) -> Path:
     return Path(cfg.results_dir)
 
 
-def run_and_record(cfg: DictConfig, problem: Problem, optim: dict) -> tuple[RunResult, Path]:
-    """Run one configuration and write its record (tags: kappa, conditioning)."""
+def make_recorder(cfg: DictConfig, problem: Problem, optim: dict, perturbation: int = 0) -> RunRecorder:
+    """The record of one configuration (tags: kappa, conditioning, and the perturbation of a perturbed start)."""
     hparams = {k: v for k, v in optim.items() if k != "name"}
     config = OmegaConf.to_container(cfg, resolve=True)
     config.update(mode="single", kappa=problem.kappa, conditioning=problem.conditioning, optim=dict(optim))
-    for key in ("kappas", "studies", "lr_grid"):
+    for key in ("kappas", "studies", "lr_grid", "sensitivity", "perturbation"):
         config.pop(key, None)
-    recorder = RunRecorder(
-        results_root(cfg), EXPERIMENT, optim["name"], hparams, seed=cfg.problem.seed, config=config,
-        tags={"kappa": problem.kappa, "conditioning": problem.conditioning},
+    tags = {"kappa": problem.kappa, "conditioning": problem.conditioning}
+    if perturbation:
+        config["perturbation"] = {"seed": int(perturbation), "scale": float(cfg.sensitivity.scale)}
+        tags["perturbation"] = int(perturbation)
+    return RunRecorder(
+        results_root(cfg), EXPERIMENT, optim["name"], hparams, seed=cfg.problem.seed, config=config, tags=tags,
         wandb=OmegaConf.to_container(cfg.wandb) if cfg.wandb else None,
     )  # fmt: skip
+
+
+def run_and_record(cfg: DictConfig, problem: Problem, optim: dict, perturbation: int = 0) -> tuple[RunResult | None,
+                                                                                                     Path]:
+    """Run one configuration and write its record; with ``skip_finished`` a configuration whose record is finished
+    is not run again (``None`` and the record's path)."""
+    recorder = make_recorder(cfg, problem, optim, perturbation)
+    if cfg.skip_finished and recorder.finished_record() is not None:
+        return None, recorder.path
     with recorder:  # on disk (running) from here, closed done / diverged, or failed / interrupted
         result = run_one(
             problem, optim, max_iters=cfg.max_iters, tol=cfg.tol, diverge_at=cfg.diverge_at, log_every=cfg.log_every,
-            recorder=recorder,
+            recorder=recorder, perturbation=perturbation, perturbation_scale=float(cfg.sensitivity.scale),
         )  # fmt: skip
         return result, recorder.finish(final_metrics=result.metrics(cfg.tol, cfg.max_iters))
 
@@ -314,9 +340,10 @@ def make_problem_from(cfg: DictConfig, kappa: float, conditioning: str) -> Probl
 def run_single(cfg: DictConfig) -> float:
     """One run (``cfg.optim`` at ``cfg.kappa``); returns its final relative loss."""
     problem = make_problem_from(cfg, float(cfg.kappa), cfg.conditioning)
-    result, path = run_and_record(cfg, problem, OmegaConf.to_container(cfg.optim, resolve=True))
-    print(f"{cfg.optim.name} lr={cfg.optim.lr:g} kappa={cfg.kappa:g} ({cfg.conditioning}): {result} -> {path}")
-    return result.relative_loss
+    result, path = run_and_record(cfg, problem, OmegaConf.to_container(cfg.optim, resolve=True), int(cfg.perturbation))
+    print(f"{cfg.optim.name} lr={cfg.optim.lr:g} kappa={cfg.kappa:g} ({cfg.conditioning}): "
+          f"{result or 'finished already (skip_finished)'} -> {path}")
+    return result.relative_loss if result else math.nan
 
 
 def run_grid(cfg: DictConfig) -> dict[tuple[str, float, str, float], RunResult]:
@@ -332,7 +359,31 @@ def run_grid(cfg: DictConfig) -> dict[tuple[str, float, str, float], RunResult]:
             cfg, problems[(conditioning, kappa)], {**load_optim(name), "lr": lr}
         )
     print(f"wrote {len(jobs)} records to {results_root(cfg) / EXPERIMENT}")
+    run_sensitivity(cfg, problems)
     return out
+
+
+def run_sensitivity(cfg: DictConfig, problems: dict[tuple[str, float], Problem] | None = None) -> list[Path]:
+    """The sensitivity study: the whole grid again from ``sensitivity.perturbations`` perturbed starts
+    (:func:`perturbed`, relative size ``sensitivity.scale``, seeds 1..N), one record each (tag ``perturbation``).
+    The theory table selects the best step size of each start as it does for the spectral one and reports the
+    spread: a result that another CPU can change (a chaotic run whose iterations, or whose best step size, move
+    with the last bits) shows there instead of one machine's answer. Returns the records written."""
+    count = int(cfg.sensitivity.perturbations)
+    if count < 0:
+        raise ValueError(f"sensitivity.perturbations must be >= 0, got {count}")
+    problems = dict(problems or {})
+    jobs = [(job, p) for p in range(1, count + 1) for job in grid_jobs(cfg)]
+    paths = []
+    bar = tqdm(jobs, desc="theory sensitivity", unit="run")
+    for (conditioning, kappa, name, lr), p in bar:
+        bar.set_postfix_str(f"start {p}: {conditioning} kappa={kappa:g} {name} lr={lr:g}")
+        if (conditioning, kappa) not in problems:
+            problems[(conditioning, kappa)] = make_problem_from(cfg, kappa, conditioning)
+        paths.append(run_and_record(cfg, problems[(conditioning, kappa)], {**load_optim(name), "lr": lr}, p)[1])
+    if paths:
+        print(f"sensitivity: {len(paths)} runs from {count} perturbed starts in {results_root(cfg) / EXPERIMENT}")
+    return paths
 
 
 def run(cfg: DictConfig) -> float | dict:

@@ -5,6 +5,13 @@ reported run is the best step size of the grid -- the fewest iterations to the t
 it, the lowest final relative loss, shown as ">= max_iters" (censored). Diverged and failed runs
 (``metrics.run_outcome``) are never the best unless every step size diverged or failed; running and interrupted runs
 are left out.
+
+Sensitivity. The runs of the sensitivity study (tag ``perturbation``: the whole grid again from starts perturbed
+at float64's rounding, ``theory.run_sensitivity``) never compete with the spectral start's; the same rule selects
+the best step size of each perturbed start (:func:`select_best` with ``perturbation``), and the table reports
+beside each cell what those gave (:func:`spread`), marking the cell **sensitive** when one of them is more than
+:data:`SENSITIVE_SPREAD` away from the cell's iterations or differs in whether the tolerance is reached: such a
+cell is one machine's answer, which another CPU's last-bit differences can change.
 """
 
 from __future__ import annotations
@@ -18,7 +25,9 @@ from typing import Iterable
 from main_figures.style import apply_style, optimizer_label, optimizer_sort_key, optimizer_style, savefig
 from main_figures.metrics import counts_as_result, run_outcome
 
-__all__ = ["Best", "select_best", "theory_table", "theory_figure", "CONDITIONING_TITLES"]
+__all__ = ["Best", "select_best", "spread", "theory_table", "theory_figure", "CONDITIONING_TITLES", "SENSITIVE_SPREAD"]
+
+SENSITIVE_SPREAD = 0.05  # perturbed starts within 5% of the cell's iterations: the cell does not depend on the CPU
 
 CONDITIONING_TITLES = {
     "target": "ill-conditioned target update dW* (theory's setting)",
@@ -59,11 +68,12 @@ def _rank(record) -> tuple:
     return (1, final, 0.0)
 
 
-def select_best(records: Iterable) -> dict[tuple[str, str, float], Best]:
-    """Best step size per (conditioning, optimizer, kappa) by the rule of the module docstring."""
+def select_best(records: Iterable, perturbation: int = 0) -> dict[tuple[str, str, float], Best]:
+    """Best step size per (conditioning, optimizer, kappa) by the rule of the module docstring, among the runs
+    from the spectral start (``perturbation = 0``) or from the perturbed start of that seed."""
     groups = defaultdict(list)
     for rec in records:
-        if not counts_as_result(rec):  # running / interrupted: not a result yet
+        if not counts_as_result(rec) or int(rec.tags.get("perturbation", 0)) != perturbation:
             continue
         if "kappa" not in rec.tags:
             raise ValueError(f"theory record '{rec.run_name}' has no 'kappa' tag (tags: {rec.tags})")
@@ -80,18 +90,44 @@ def select_best(records: Iterable) -> dict[tuple[str, str, float], Best]:
     return out
 
 
-def _cell(best: Best | None) -> str:
+def spread(best: Best, records: Iterable) -> tuple[list[tuple[int, bool]], bool] | None:
+    """What the perturbed starts gave for ``best``'s cell: (iterations, reached the tolerance) of the best step
+    size of each, and whether the cell is sensitive (module docstring); ``None`` when there are none."""
+    records = list(records)
+    key = (best.conditioning, best.optimizer, best.kappa)
+    seeds = sorted({int(r.tags["perturbation"]) for r in records if "perturbation" in r.tags})
+    runs = [(b.iterations, b.reached_tol) for b in (select_best(records, p).get(key) for p in seeds) if b]
+    if not runs:
+        return None
+    sensitive = any(reached != best.reached_tol or abs(iters - best.iterations) > SENSITIVE_SPREAD * best.iterations
+                    for iters, reached in runs)  # fmt: skip
+    return sorted(runs), sensitive
+
+
+def _spread_text(runs: list[tuple[int, bool]], sensitive: bool) -> str:
+    low, high = runs[0][0], runs[-1][0]
+    missed = sum(not reached for _, reached in runs)
+    span = f"{low}" if low == high else f"{low}-{high}"
+    text = f"{len(runs)} perturbed: {span}" + (f", {missed} not reached" if missed else "")
+    return f"**sensitive** ({text})" if sensitive else f"({text})"
+
+
+def _cell(best: Best | None, records: list | None = None) -> str:
     if best is None:
         return "-"
+    found = spread(best, records or [])
+    tail = f" {_spread_text(*found)}" if found else ""
     if best.reached_tol:
-        return f"{best.iterations} (lr {best.lr:g})"
+        return f"{best.iterations} (lr {best.lr:g}){tail}"
     if not math.isfinite(best.relative_loss):
         return "diverged"
-    return f">= {best.iterations} (lr {best.lr:g}, reached {best.relative_loss:.1e})"
+    return f">= {best.iterations} (lr {best.lr:g}, reached {best.relative_loss:.1e}){tail}"
 
 
 def theory_table(records: Iterable) -> str:
-    """Markdown: iterations to the tolerance per kappa (rows) and optimizer (columns), one table per study."""
+    """Markdown: iterations to the tolerance per kappa (rows) and optimizer (columns), one table per study, each
+    cell with the spread of its sensitivity runs when they exist."""
+    records = list(records)
     best = select_best(records)
     if not best:
         raise ValueError("no theory records to tabulate")
@@ -109,8 +145,14 @@ def theory_table(records: Iterable) -> str:
             "|---:|" + "---:|" * len(opts),
         ]
         for kappa in kappas:
-            lines.append(f"| {kappa:g} | " + " | ".join(_cell(best.get((conditioning, o, kappa))) for o in opts) + " |")
+            lines.append(f"| {kappa:g} | " + " | ".join(_cell(best.get((conditioning, o, kappa)), records)
+                                                          for o in opts) + " |")  # fmt: skip
         lines.append("")
+    if any("perturbation" in r.tags for r in records):
+        lines += [f"In brackets: the iterations of the best step size when the whole grid is run again from starts "
+                  f"perturbed by a relative 1e-12 (float64's rounding, the size of another CPU's last-bit "
+                  f"differences). **sensitive**: one of them differs by more than {SENSITIVE_SPREAD:.0%} or in "
+                  f"whether the tolerance is reached; such a cell is one machine's answer.", ""]  # fmt: skip
     return "\n".join(lines)
 
 

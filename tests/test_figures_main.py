@@ -158,7 +158,15 @@ def test_theory_selection_rule_and_figure(results, tmp_path):
     assert theory_figure(records, tmp_path / "t.png").read_bytes()[:8] == PNG
 
 
+def test_a_results_folder_that_does_not_exist_is_an_error_and_writes_nothing(tmp_path, capsys):
+    assert make_figures.main(["--results", str(tmp_path / "no" / "such"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "results folder" in err and str(tmp_path / "no" / "such") in err and "does not exist" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_results_are_listed_with_the_command_that_makes_them(tmp_path, capsys):
+    (tmp_path / "nothing").mkdir()
     assert make_figures.main(["--results", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")]) == 0
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "failed" not in summary

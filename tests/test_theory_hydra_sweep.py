@@ -43,11 +43,22 @@ def test_single_run_in_process_and_unknown_mode(tmp_path):
         run(bad)
 
 
-@pytest.mark.parametrize("optim, lr, kappa", [("sgd", 1.0, 100), ("scaled_gd", 0.25, 1000), ("adamw", 0.1, 1000),
+# Another CPU (another kernel: ATEN_CPU_CAPABILITY, MKL_CBWR) rounds differently. Measured on these four runs under
+# the default kernels, ATEN_CPU_CAPABILITY=default and MKL_CBWR=COMPATIBLE, against the committed records: the
+# relative loss of every logged step agreed within 2e-10 for GD, scaled GD and scaled AdamW and within 2e-6 for
+# AdamW (whose sign-like steps amplify rounding near the tolerance), and the iterations to the tolerance were the
+# same. STEP_RTOL leaves a factor 5 over the worst; a wrong update changes these losses at the first digits.
+STEP_RTOL = 1e-5
+
+
+@pytest.mark.committed_numbers
+@pytest.mark.parametrize("optim, lr, kappa", [("sgd", 1.0, 100), ("scaled_gd", 0.25, 1000), ("adamw", 0.1, 100),
                                               ("scaled_adamw", 0.01, 100)])
-def test_a_rerun_rewrites_the_committed_theory_record_bit_for_bit(tmp_path, optim, lr, kappa):
-    """The committed ``results/theory`` records are what this code computes: the same final metrics and per-step
-    losses, exactly (float64, one thread)."""
+def test_a_rerun_reproduces_the_committed_theory_record_within_rounding(tmp_path, optim, lr, kappa):
+    """The committed ``results/theory`` records are what this code computes, on any CPU: the same iterations to the
+    tolerance (one step either way) and per-step losses within :data:`STEP_RTOL`. These cases are ones the
+    sensitivity study shows stable (every perturbed start within the table's spread); a chaotic one (AdamW at kappa
+    1e3, lr 0.1) is one machine's answer and is tested as such below."""
     [committed] = [r for r in load_records(ROOT / "results", "theory") if r.optimizer == optim
                    and r.hparams["lr"] == lr and r.tags == {"kappa": float(kappa), "conditioning": "target"}]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -55,5 +66,11 @@ def test_a_rerun_rewrites_the_committed_theory_record_bit_for_bit(tmp_path, opti
                                                        f"optim.lr={lr}", f"kappa={kappa}"])  # fmt: skip
     run(cfg)
     (rerun,) = load_records(tmp_path, "theory")
-    assert rerun.final_metrics == committed.final_metrics
-    assert [s["loss"] for s in rerun.steps] == [s["loss"] for s in committed.steps]
+    assert rerun.run_name == committed.run_name
+    assert rerun.final_metrics["reached_tol"] == committed.final_metrics["reached_tol"]
+    assert abs(rerun.final_metrics["iterations"] - committed.final_metrics["iterations"]) <= 1
+    assert rerun.final_metrics["relative_loss"] == pytest.approx(committed.final_metrics["relative_loss"], rel=1e-2)
+    steps = min(len(rerun.steps), len(committed.steps))
+    assert steps >= len(committed.steps) - 1
+    assert [s["rel_loss"] for s in rerun.steps[:steps]] == pytest.approx(
+        [s["rel_loss"] for s in committed.steps[:steps]], rel=STEP_RTOL)

@@ -163,6 +163,7 @@ def test_full_run_figures_build(tmp_path):
 
 
 @full_records
+@pytest.mark.committed_numbers
 def test_reduced_grid_slopes_agree_with_the_full_run(tmp_path):
     full = width_slopes(load_records(FULL, "width"))
     assert set(full) == set(width_figures.SERIES_ORDER)

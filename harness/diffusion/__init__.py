@@ -22,7 +22,9 @@ from .models import (
     fuse_lora, keep_original_embedding_rows, load_components, lora_delta_norm, lora_layers, optimizer_settings,
     tiny_text_encoder_config, tiny_unet_config, tiny_vae_config, trainable_counts,
 )  # fmt: skip
-from .runs import concept_folder, fuse_sample_and_finish, load_lora_components, make_recorder, start_run
+from .runs import (
+    AFTER_TRAINING, SETTINGS, concept_folder, fuse_sample_and_finish, load_lora_components, make_recorder, start_run,
+)
 from .sampling import black_image_mask, clip_similarity, generate, make_sampler, sample_and_score, to_pil
 
 __all__ = [
@@ -32,5 +34,6 @@ __all__ = [
     "lora_layers", "lora_delta_norm", "fuse_lora", "optimizer_settings", "trainable_counts", "LoraDiffusionModel",
     "make_sampler", "generate", "black_image_mask", "to_pil", "clip_similarity", "sample_and_score",
     "image_grid", "save_strip", "load_strip", "black_share_figure", "records_table", "select_records", "figure_main",
-    "start_run", "load_lora_components", "concept_folder", "make_recorder", "fuse_sample_and_finish",
+    "start_run", "load_lora_components", "concept_folder", "make_recorder", "fuse_sample_and_finish", "AFTER_TRAINING",
+    "SETTINGS",
 ]  # fmt: skip

@@ -25,17 +25,46 @@ from .models import (
     CONFIG_FILES, LoraDiffusionModel, SDComponents, add_lora, fuse_lora, load_components,
     random_init_tokenizer_source,
 )
-from .sampling import make_sampler, sample_and_score, to_pil
+from ..settings import TRAINING_RULES, Rule, check_settings
+from .sampling import SAMPLERS, make_sampler, sample_and_score, to_pil
 
-__all__ = ["preflight", "start_run", "load_lora_components", "concept_folder", "make_recorder",
+__all__ = ["AFTER_TRAINING", "SETTINGS", "preflight", "start_run", "load_lora_components", "concept_folder", "make_recorder",
            "fuse_sample_and_finish"]  # fmt: skip
 
 
+# Settings used only after training (fusion and sampling): a run that changes only these shares the training of
+# the run before it, and resume=true continues that finished training and redoes what follows it.
+AFTER_TRAINING = ("sample", "fusion_scale")
+
+# Every number and choice the two diffusion experiments read, the sampling ones included (used only after
+# training), checked before anything is loaded (harness.check_settings).
+SETTINGS = (
+    *TRAINING_RULES,
+    Rule("train.steps", "int", minimum=1),
+    Rule("train.lr_decay_steps", "int", minimum=1, none=True, none_means="train.steps"),
+    Rule("train.mixed_precision", "choice", choices=("no", "fp16", "bf16")),
+    Rule("train.stop_on_divergence", "bool"),
+    Rule("train.noise_offset", "float", minimum=0),
+    Rule("data.resolution", "int", minimum=8),
+    Rule("lora.rank", "int", minimum=1),
+    Rule("unet_lr", "float", above=0), Rule("text_lr", "float", above=0),
+    Rule("unet_reg", "float", minimum=0), Rule("text_reg", "float", minimum=0),
+    Rule("fusion_scale", "float"),
+    Rule("sample.seeds", "int_list"),
+    Rule("sample.steps", "int", minimum=1),
+    Rule("sample.guidance_scale", "float", minimum=0),
+    Rule("sample.sampler", "choice", choices=SAMPLERS),
+    Rule("sample.black_threshold", "float", minimum=0, maximum=1),
+)
+
+
 def preflight(cfg, experiment: str) -> None:
-    """Everything that could fail after training, checked before anything is loaded: the data folder, the concept
-    images, the tiny model's tokenizer files (or a local Stable Diffusion folder; with ``model.random_init`` its
-    configuration files and, without its ``tokenizer/``, the GPT-2 tokenizer files), a local CLIP model, and a
-    writable ``<results_dir>/<experiment>/samples`` folder. Each failure is a clear error naming the problem."""
+    """Everything that could fail after training, checked before anything is loaded: every setting
+    (:data:`SETTINGS`), the data folder, the concept images, the tiny model's tokenizer files (or a local Stable
+    Diffusion folder; with ``model.random_init`` its configuration files and, without its ``tokenizer/``, the GPT-2
+    tokenizer files), a local CLIP model, and a writable ``<results_dir>/<experiment>/samples`` folder. Each failure
+    is a clear error naming the problem."""
+    check_settings(cfg, SETTINGS)
     if cfg.data.root is None:
         raise ValueError("data.root is null: set it to the folder holding concepts/ and gpt2-tokenizer/ "
                          "(default ${data_root:}: $RPLORA_DATA or <repo>/../shared/data)")
@@ -108,6 +137,7 @@ def make_recorder(cfg, experiment: str, optimizer: str, hparams: dict, results_d
         tags=record_tags({**OmegaConf.to_container(cfg.tags, resolve=True), "concept": cfg.concept.name,
                           "text_lr": cfg.text_lr, **({"variant": cfg.variant} if cfg.variant else {})}, launch),
         launch=launch, wandb=OmegaConf.to_container(cfg.wandb) if cfg.wandb else None, resume=cfg.resume,
+        after_training=AFTER_TRAINING,
     )  # fmt: skip
 
 

@@ -24,11 +24,14 @@ from transformers import CLIPModel, CLIPProcessor
 from .figures import save_strip
 from .models import LoraDiffusionModel
 
-__all__ = ["make_sampler", "generate", "black_image_mask", "to_pil", "clip_similarity", "sample_and_score"]
+__all__ = ["SAMPLERS", "make_sampler", "generate", "black_image_mask", "to_pil", "clip_similarity", "sample_and_score"]
+
+
+SAMPLERS = ("ddim", "ddpm", "euler_ancestral")  # the inference schedulers make_sampler builds
 
 
 def make_sampler(name: str, train_scheduler):
-    """An inference scheduler (``"ddim"``, ``"euler_ancestral"``, ``"ddpm"``) with the training noise schedule."""
+    """An inference scheduler (one of :data:`SAMPLERS`) with the training noise schedule."""
     classes = {"ddim": DDIMScheduler, "euler_ancestral": EulerAncestralDiscreteScheduler, "ddpm": DDPMScheduler}
     if name not in classes:
         raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(classes)}")
