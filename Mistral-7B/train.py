@@ -71,7 +71,6 @@ SETTINGS = (
     Rule("train.logging_steps", "int", minimum=1),
     Rule("train.eval_steps", "int", minimum=1, none=True, none_means="Trainer's default"),
     Rule("train.eval_strategy", "choice", choices=("no", "steps", "epoch")),
-    Rule("train.scheduler", "choice", choices=("linear", "cosine", "constant", "constant_with_warmup")),
     Rule("train.num_workers", "int", minimum=0),
     Rule("data.max_length", "int", minimum=1),
     Rule("data.max_train_samples", "int", minimum=1, none=True, none_means="all"),

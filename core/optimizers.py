@@ -228,7 +228,8 @@ class _LoraOptimizer(torch.optim.Optimizer):
         if module is None:
             return
         held = {id(p) for group in self.param_groups for p in group["params"]}
-        names = [n for n, p in module.named_parameters() if p.requires_grad and p.grad is not None and id(p) not in held]
+        names = [n for n, p in module.named_parameters()
+                 if p.requires_grad and p.grad is not None and id(p) not in held]
         if names:
             shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
             warnings.warn(f"{len(names)} trainable parameter(s) of the model have gradients but are not in this "

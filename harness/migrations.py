@@ -111,7 +111,8 @@ def one_per_configuration(records: list[RunRecord], sources: list[str] | None = 
             order.append(identity)
             continue
         j = kept[identity]
-        newer, older = (i, j) if (record.created, record.updated) >= (records[j].created, records[j].updated) else (j, i)
+        newest_first = (record.created, record.updated) >= (records[j].created, records[j].updated)
+        newer, older = (i, j) if newest_first else (j, i)
         warnings.warn(f"{sources[older]} and {sources[newer]} are one configuration ({identity}); only the newer, "
                       f"{sources[newer]}, is used", DuplicateRecordWarning, stacklevel=3)
         kept[identity] = newer

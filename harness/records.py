@@ -81,7 +81,8 @@ import torch
 __all__ = [
     "RunRecord", "RunRecorder", "load_records", "hardware_info", "default_run_name", "config_hash", "SCHEMA_VERSION",
     "READABLE_SCHEMA_VERSIONS", "InvalidRecordWarning", "RUN_STATUSES", "FINISHED_STATUSES", "HASH_EXCLUDED_KEYS",
-    "RecordLockedError", "RunInterrupted", "run_slug", "skip_finished", "portable_config", "portable_paths", "training_name",
+    "RecordLockedError", "RunInterrupted", "run_slug", "skip_finished", "portable_config", "portable_paths",
+    "training_name",
 ]  # fmt: skip
 
 SCHEMA_VERSION = 2

@@ -16,7 +16,8 @@ from typing import Any, Iterable
 
 __all__ = ["Rule", "check_settings", "setting", "TRAINING_RULES", "check_seed"]
 
-_MISSING = object()
+_MISSING = object()  # setting(): no default given
+_ABSENT = object()  # check_settings(): the key is not in the config
 
 
 @dataclass(frozen=True)
@@ -108,8 +109,8 @@ def check_settings(cfg: Any, rules: Iterable[Rule]) -> None:
     may be); an absent key is left to the experiment's own defaults."""
     problems = []
     for rule in rules:
-        value = setting(cfg, rule.key, default=_MISSING)
-        if value is _MISSING:
+        value = setting(cfg, rule.key, default=_ABSENT)
+        if value is _ABSENT:
             continue
         if not rule.ok(value):
             problems.append(f"{rule.key}={value!r}: must be {rule.allowed()}")

@@ -25,8 +25,10 @@ def lr_sweeps(records: Iterable, experiment: str) -> tuple[str, bool, dict[tuple
     """(metric, higher_is_better, {facet: {optimizer: [LrPoint, ...]}}) for the experiment's records.
 
     A run that diverged or failed (or is still running) without a main metric joins its facet's metric, so that it
-    is marked at its learning rate instead of dropped; a finished run without one (not scored) is not plotted."""
-    records = list(records)
+    is marked at its learning rate instead of dropped; a finished run without one (not scored) is not plotted. The
+    theory's sensitivity runs (tag ``perturbation``: the grid again from perturbed starts) are not a learning-rate
+    sweep of their own; the theory table reports them."""
+    records = [r for r in records if "perturbation" not in r.tags]
     metrics = {m for m in (main_metric(experiment, r) for r in records) if m is not None}
     if not metrics:
         raise ValueError(f"no numeric final metric in the {len(records)} '{experiment}' records")

@@ -95,7 +95,8 @@ def test_an_older_layout_is_migrated_to_the_identity_of_today():
     tags = today["tags"]
     legacy = _legacy_glue_record()
     assert migrate_config("glue", legacy, tags) == today["config"]
-    name = default_run_name("adamw", today["hparams"], 42, tags, migrate_config("glue", legacy, tags), today.get("launch"))
+    migrated = migrate_config("glue", legacy, tags)
+    name = default_run_name("adamw", today["hparams"], 42, tags, migrated, today.get("launch"))
     assert f"{name}.json" == committed.name
 
 
@@ -152,7 +153,8 @@ def test_the_default_reproduction_from_another_clone_replaces_the_committed_reco
     results = tmp_path / "results"
     for experiment in ("gpt2_e2e", "glue"):
         shutil.copytree(RESULTS / experiment, results / experiment)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    env = {**os.environ, "PATH": path, "HF_HUB_OFFLINE": "1"}
     env.pop("RPLORA_DATA", None)  # the clone's default: ../shared/data beside it
     steps = [s for s in default_steps() if s.default and all(c[0] == "bash" for c in s.commands)]
     assert {s.name for s in steps} >= {"gpt2_table1", "gpt2_lr", "glue"}

@@ -15,14 +15,16 @@ def test_scaled_gd_is_flat_in_kappa_and_gd_is_not(tmp_path):
     overrides = [
         f"results_dir={tmp_path}", f"kappas=[{','.join(map(str, KAPPAS))}]", f"max_iters={CAP}",
         "studies=[{conditioning: target, optimizers: [sgd, scaled_gd]}]",
-        "lr_grid.sgd=[0.25,0.5,1.0]", "lr_grid.scaled_gd=[0.25,0.5]",
+        "lr_grid.sgd=[0.25,0.5,1.0]", "lr_grid.scaled_gd=[0.25,0.5]", "sensitivity.perturbations=1",
     ]  # fmt: skip
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="theory", overrides=overrides)
     run_grid(cfg)
     records = load_records(tmp_path, "theory")
-    assert len(records) == len(KAPPAS) * (3 + 2)
+    assert len(records) == 2 * len(KAPPAS) * (3 + 2)  # the grid, and the grid from one perturbed start
+    assert sum("perturbation" in r.tags for r in records) == len(KAPPAS) * (3 + 2)
     best = select_best(records)
+    assert "1 perturbed" in theory_table(records)  # the table reports the perturbed start beside each cell
     scaled = [best[("target", "scaled_gd", float(k))] for k in KAPPAS]
     gd = [best[("target", "sgd", float(k))] for k in KAPPAS]
 

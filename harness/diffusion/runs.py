@@ -28,7 +28,8 @@ from .models import (
 from ..settings import TRAINING_RULES, Rule, check_settings
 from .sampling import SAMPLERS, make_sampler, sample_and_score, to_pil
 
-__all__ = ["AFTER_TRAINING", "SETTINGS", "preflight", "start_run", "load_lora_components", "concept_folder", "make_recorder",
+__all__ = ["AFTER_TRAINING", "SETTINGS", "preflight", "start_run", "load_lora_components", "concept_folder",
+           "make_recorder",
            "fuse_sample_and_finish"]  # fmt: skip
 
 
