@@ -1,6 +1,6 @@
 """The CPU reproduction in one command: the theory and width experiments, the small real runs, then every figure and table.
 
-    python main_figures/reproduce_cpu.py                      # the default steps, in order (about 45 min)
+    python main_figures/reproduce_cpu.py                      # the default steps, in order (about 65 min)
     python main_figures/reproduce_cpu.py --all                # also the peers, loss curves, runtime, SGD sweep
     python main_figures/reproduce_cpu.py --only theory,figures
     python main_figures/reproduce_cpu.py --only long_e2e_lr_a,figures   # a long-run step (README: Long CPU runs)
@@ -43,7 +43,7 @@ def _bash(*scripts: str, extra: tuple[str, ...] = ()) -> tuple[list[list[str]], 
 
 def default_steps(python: str = sys.executable) -> list[Step]:
     """The reproduction: theory, width, the small real runs of GPT-2/ (SmolLM2 on E2E) and Mistral-7B/ (MiniLM on SST-2)
-    through their committed sweep scripts, then every figure and table. The default steps take about 45 minutes
+    through their committed sweep scripts, then every figure and table. The default steps take about 65 minutes
     on a small CPU; the peers, the loss curves, the runtime case and the SGD sweep add about an hour more."""
     return [
         Step("theory", "theory experiment: GD vs scaled GD (and AdamW vs scaled AdamW) across condition numbers",

@@ -22,7 +22,8 @@ Two studies (``conditioning``):
 Step sizes are never hand-picked per case: every optimizer runs every step size of its grid (``lr_grid`` in
 ``conf/theory.yaml``) and :mod:`main_figures.theory_figures` reports, per (optimizer, kappa), the best of the grid.
 
-Run the grid (150 runs, writes ``results/theory/*.json``; 2-4 minutes on one CPU core)::
+Run the grid (150 runs, then the sensitivity study: the grid from 3 perturbed starts, 450 runs; writes
+``results/theory/*.json``; about 20 minutes on one CPU core)::
 
     python main_figures/theory.py
     python main_figures/theory.py mode=single optim=sgd optim.lr=0.5 kappa=1000     # one run
