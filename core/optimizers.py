@@ -178,6 +178,7 @@ class _LoraOptimizer(torch.optim.Optimizer):
         self.precondition, self.check_finite = precondition, check_finite
         self._hyperparameters = tuple(defaults)  # this class's; others may add to self.defaults (accelerate does)
         self._unheld: weakref.ref | None = None  # the module whose unheld gradients step() warns of, once
+        self._unheld_params: list | None = None  # its parameters this optimizer does not hold
         self._workspaces: dict[int, Workspace] = {}  # per group, the batched preconditioner's (see core._workspace)
         self._pair_shapes: dict[int, list] = {}  # per group, the factor shapes last checked to chain
         params = list(params)
@@ -215,28 +216,38 @@ class _LoraOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self._workspaces, self._pair_shapes = {}, {}
-        self.__dict__.setdefault("_unheld", None)
+        self._unheld, self._unheld_params = None, None  # a copy watches no model: a weak reference does not copy
 
     def watch_unheld_gradients(self, module: nn.Module) -> None:
-        """Warn once, at :meth:`step`, when a trainable parameter of ``module`` that this optimizer does not hold
-        has a gradient: it would never be stepped (a PEFT ``set_adapter`` to another adapter, a layer unfrozen after
-        the optimizer was built). :func:`core.build_optimizer` calls it with the model it was built over."""
+        """Warn once, at :meth:`step`, when a parameter of ``module`` that this optimizer does not hold has a
+        gradient: it would never be stepped (a PEFT ``set_adapter`` to another adapter, a layer unfrozen after the
+        optimizer was built). :func:`core.build_optimizer` calls it with the model it was built over. A step looks
+        only at the ``.grad`` of the parameters it does not hold (listed once); the list is made again at steps
+        1, 2, 4, 8, ..., which finds parameters added to the model later (a new adapter)."""
         self._unheld = weakref.ref(module)
+        self._unheld_steps, self._unheld_params = 0, None
+
+    def _unheld_list(self, module: nn.Module) -> list[tuple[str, Tensor]]:
+        held = {id(p) for group in self.param_groups for p in group["params"]}
+        return [(n, p) for n, p in module.named_parameters() if id(p) not in held]
 
     def _warn_unheld_gradients(self) -> None:
         module = self._unheld() if self._unheld is not None else None
         if module is None:
             return
-        held = {id(p) for group in self.param_groups for p in group["params"]}
-        names = [n for n, p in module.named_parameters()
-                 if p.requires_grad and p.grad is not None and id(p) not in held]
+        self._unheld_steps += 1
+        if self._unheld_params is None or self._unheld_steps & (self._unheld_steps - 1) == 0:
+            self._unheld_params = self._unheld_list(module)
+        if not any(p.grad is not None for _, p in self._unheld_params):
+            return
+        names = [n for n, p in self._unheld_params if p.grad is not None]
         if names:
             shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
             warnings.warn(f"{len(names)} trainable parameter(s) of the model have gradients but are not in this "
                           f"{type(self).__name__}, so they are never stepped: {shown}. Build the optimizer after "
                           "choosing what trains (PEFT set_adapter, unfreezing), or add them with add_param_group",
                           UnheldGradientWarning, stacklevel=3)  # fmt: skip
-            self._unheld = None  # once
+            self._unheld, self._unheld_params = None, None  # once
 
     def add_param_group(self, param_group: dict) -> None:
         index = len(self.param_groups)
