@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 import harness  # noqa: E402
 from harness import REPO_ROOT  # noqa: E402
+from harness.migrations import DuplicateRecordWarning  # noqa: E402
 from harness.records import InvalidRecordWarning  # noqa: E402
 from main_figures.lr_robustness import robustness_summary  # noqa: E402
 from main_figures.metrics import GRID_NOTE  # noqa: E402
@@ -253,14 +254,16 @@ def lr_products(results: Path) -> list[Product]:
 @contextlib.contextmanager
 def invalid_files_reported(log, skipped: list[str]):
     """Within the block, each :class:`InvalidRecordWarning` (a results file that is not a run record, skipped by
-    ``load_records(on_invalid="warn")``) is logged once as ``WARNING: skipped <file>: <why>`` and added to
-    ``skipped``; other warnings are shown as usual."""
+    ``load_records(on_invalid="warn")``) and each :class:`DuplicateRecordWarning` (two records of one
+    configuration: the older is not used) is logged once as ``WARNING: <message>`` and added to ``skipped``; other
+    warnings are shown as usual."""
     with warnings.catch_warnings():
         warnings.simplefilter("always", InvalidRecordWarning)
+        warnings.simplefilter("always", DuplicateRecordWarning)
         shown = warnings.showwarning
 
         def show(message, category, filename, lineno, file=None, line=None):
-            if not issubclass(category, InvalidRecordWarning):
+            if not issubclass(category, (InvalidRecordWarning, DuplicateRecordWarning)):
                 return shown(message, category, filename, lineno, file, line)
             if str(message) not in skipped:
                 skipped.append(str(message))
@@ -338,7 +341,8 @@ def summary_markdown(outcomes: list[Outcome], out: Path, skipped: list[str] | No
         where = f"[{o.product.output}]({o.product.output})" if o.status == "ok" else o.detail.replace("|", "\\|")
         lines.append(f"| {o.product.title} | {o.status} | {where} |")
     if skipped:
-        lines += ["", "## Skipped files (not run records)", "", *(f"- {s}" for s in skipped)]
+        title = "## Files not used (not run records, or the older record of one configuration)"
+        lines += ["", title, "", *(f"- {s}" for s in skipped)]
     text = "\n".join(lines) + "\n"
     return text + ("\n" + robustness if robustness else "")
 

@@ -47,7 +47,7 @@ from torch import Tensor, nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from core import build_optimizer  # noqa: E402
-from harness import RunRecorder  # noqa: E402
+from harness import Rule, RunRecorder, check_settings  # noqa: E402
 
 EXPERIMENT = "theory"
 CONF_DIR = Path(__file__).resolve().parent / "conf"
@@ -387,8 +387,20 @@ def run_sensitivity(cfg: DictConfig, problems: dict[tuple[str, float], Problem] 
     return paths
 
 
+# Every number the theory experiment reads, checked before any run (harness.check_settings).
+SETTINGS = (
+    Rule("problem.seed", "int"), Rule("problem.n", "int", minimum=1), Rule("problem.d", "int", minimum=1),
+    Rule("problem.neurons", "int", minimum=1), Rule("problem.rank", "int", minimum=1),
+    Rule("max_iters", "int", minimum=1), Rule("tol", "float", above=0), Rule("diverge_at", "float", above=0),
+    Rule("log_every", "int", minimum=1), Rule("threads", "int", minimum=1, none=True, none_means="torch's default"),
+    Rule("perturbation", "int", minimum=0), Rule("sensitivity.perturbations", "int", minimum=0),
+    Rule("sensitivity.scale", "float", minimum=0), Rule("skip_finished", "bool"),
+)
+
+
 def run(cfg: DictConfig) -> float | dict:
     """``mode=grid``: the whole grid (returns the results by job); ``mode=single``: one run (its relative loss)."""
+    check_settings(cfg, SETTINGS)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     if cfg.mode == "single":

@@ -82,6 +82,19 @@ def test_diffusion_settings_are_checked_before_anything_is_loaded(tmp_path, fold
     assert not (tmp_path / "experiment").exists()  # nothing written
 
 
+def test_theory_settings_are_checked_before_any_run(tmp_path):
+    from main_figures.theory import CONF_DIR, run
+
+    for override, message in (("problem.seed=abc", r"problem.seed='abc': must be an integer"),
+                               ("max_iters=0", r"max_iters=0: must be an integer >= 1"),
+                               ("sensitivity.perturbations=-1", r"sensitivity.perturbations=-1: must be")):  # fmt: skip
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="theory", overrides=[f"results_dir={tmp_path}", override])
+        with pytest.raises(ValueError, match=message):
+            run(cfg)
+    assert not (tmp_path / "theory").exists()
+
+
 def test_the_loop_refuses_numbers_that_would_train_silently_wrong():
     model = nn.Linear(2, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -295,6 +295,6 @@ def test_make_figures_names_bad_files_in_a_warning_and_builds_everything_else(re
     summary = (out / "summary.md").read_text()
     assert "| Table 1: GPT-2 on E2E | ok |" in summary and "| Peers side by side (small presets) | ok |" in summary
     assert "| LR robustness: gpt2_e2e | ok |" in summary and "| Table 2: GLUE (Mistral-7B / MiniLM) | ok |" in summary
-    assert "## Skipped files (not run records)" in summary and str(truncated) in summary and str(foreign) in summary
+    assert "## Files not used (not run records, or the older record of one configuration)" in summary and str(truncated) in summary and str(foreign) in summary
     assert summary.count(str(truncated)) == 1  # named once, though every builder read the folder
     assert "## Learning-rate robustness" in summary and "| gpt2_e2e | preset=smollm2_cpu | 0.02 BLEU |" in summary

@@ -185,3 +185,21 @@ def test_every_committed_table_is_what_the_committed_records_give(tmp_path):
     assert committed and sorted(p.name for p in out.glob("*.md") if p.name != "summary.md") == committed
     for name in committed:
         assert (out / name).read_text() == (REPO_ROOT / "main_figures" / "out" / name).read_text(), name
+
+
+def test_make_figures_names_the_older_record_of_one_configuration_and_counts_it_once(tmp_path, capsys):
+    sys.path.insert(0, str(REPO_ROOT))
+    from main_figures import make_figures
+
+    (committed,) = RESULTS.glob("glue/adamw_lr0.001_seed42_preset-minilm-sst2_task-sst2_*.json")
+    folder = tmp_path / "results" / "glue"
+    folder.mkdir(parents=True)
+    shutil.copy(committed, folder / committed.name)
+    old = json.loads(committed.read_text())
+    old.update(config=_legacy_glue_record(), run_name="adamw_lr0.001_seed42_preset-minilm-sst2_task-sst2_0badc0de",
+               created="2020-01-01T00:00:00+00:00")
+    (folder / f"{old['run_name']}.json").write_text(json.dumps(old))
+    assert make_figures.main(["--results", str(tmp_path / "results"), "--out", str(tmp_path / "out"),
+                              "--only", "table2"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "WARNING:" in out and "0badc0de" in out and "one configuration" in out
