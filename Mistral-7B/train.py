@@ -72,7 +72,7 @@ SETTINGS = (
     Rule("train.eval_steps", "int", minimum=1, none=True, none_means="Trainer's default"),
     Rule("train.eval_strategy", "choice", choices=("no", "steps", "epoch")),
     Rule("train.num_workers", "int", minimum=0),
-    Rule("data.max_length", "int", minimum=1),
+    Rule("data.max_length", "int", minimum=1, none=True, none_means="the tokenizer's limit"),
     Rule("data.max_train_samples", "int", minimum=1, none=True, none_means="all"),
     Rule("data.max_eval_samples", "int", minimum=1, none=True, none_means="all"),
 )

@@ -120,60 +120,53 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def config_difference(saved: Any, current: Any, ignore: Iterable[str] = IGNORED_KEYS, prefix: str = "") -> str | None:
-    """The first key (dotted, sorted order) whose value differs between two resolved configs, as
-    ``"<key>: <saved> in the checkpoint, <current> now"``; ``None`` when they agree. Top-level keys in ``ignore``
-    are skipped."""
-    if isinstance(saved, dict) and isinstance(current, dict):
-        for key in sorted(set(saved) | set(current), key=str):
-            if not prefix and key in ignore:
-                continue
-            name = f"{prefix}{key}"
-            if key not in saved or key not in current:
-                where = "the checkpoint" if key not in saved else "this run"
-                return f"{name}: absent from {where}'s config"
-            found = config_difference(saved[key], current[key], ignore, f"{name}.")
-            if found:
-                return found
-        return None
-    if saved != current or type(saved) is not type(current) and not {type(saved), type(current)} <= {int, float}:
-        return f"{prefix.rstrip('.')}: {saved!r} in the checkpoint, {current!r} now"
-    return None
+_ABSENT = object()  # a key one of two configs lacks
 
 
-def config_differences(saved: Any, current: Any, ignore: Iterable[str] = IGNORED_KEYS, prefix: str = "") -> list[str]:
-    """Every key (dotted, sorted) whose value differs between two resolved configs, as ``"<key>: <saved> ->
-    <current>"`` (``<absent>`` for a missing key); top-level keys in ``ignore`` are skipped."""
+def _differing(saved: Any, current: Any, ignore: Iterable[str], prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted key, saved value, current value)`` of every key (sorted) whose value differs between two resolved
+    configs (:data:`_ABSENT` for a key one of them lacks); top-level keys in ``ignore`` are skipped."""
     if isinstance(saved, dict) and isinstance(current, dict):
         out = []
         for key in sorted(set(saved) | set(current), key=str):
             if not prefix and key in ignore:
                 continue
-            name = f"{prefix}{key}"
             if key not in saved or key not in current:
-                out.append(f"{name}: {saved.get(key, '<absent>')!r} -> {current.get(key, '<absent>')!r}")
-                continue
-            out += config_differences(saved[key], current[key], ignore, f"{name}.")
+                out.append((f"{prefix}{key}", saved.get(key, _ABSENT), current.get(key, _ABSENT)))
+            else:
+                out += _differing(saved[key], current[key], ignore, f"{prefix}{key}.")
         return out
     if saved != current or type(saved) is not type(current) and not {type(saved), type(current)} <= {int, float}:
-        return [f"{prefix.rstrip('.')}: {saved!r} -> {current!r}"]
+        return [(prefix.rstrip("."), saved, current)]
     return []
+
+
+def config_difference(saved: Any, current: Any, ignore: Iterable[str] = IGNORED_KEYS) -> str | None:
+    """The first key (dotted, sorted order) whose value differs between two resolved configs, as
+    ``"<key>: <saved> in the checkpoint, <current> now"``; ``None`` when they agree. Top-level keys in ``ignore``
+    are skipped."""
+    found = _differing(saved, current, tuple(ignore))
+    if not found:
+        return None
+    key, old, new = found[0]
+    if old is _ABSENT or new is _ABSENT:
+        return f"{key}: absent from {'the checkpoint' if old is _ABSENT else 'this run'}'s config"
+    return f"{key}: {old!r} in the checkpoint, {new!r} now"
+
+
+def config_differences(saved: Any, current: Any, ignore: Iterable[str] = IGNORED_KEYS) -> list[str]:
+    """Every key (dotted, sorted) whose value differs between two resolved configs, as ``"<key>: <saved> ->
+    <current>"`` (``<absent>`` for a missing key); top-level keys in ``ignore`` are skipped."""
+    show = lambda value: "<absent>" if value is _ABSENT else repr(value)  # noqa: E731
+    return [f"{key}: {show(old)} -> {show(new)}" for key, old, new in _differing(saved, current, tuple(ignore))]
 
 
 def _comparable(config: dict, after_training: tuple[str, ...]) -> dict:
     """A config as a resume compares it: its paths portable (:func:`harness.records.portable_paths`: a clone moved
     elsewhere resumes) and without the ``after_training`` keys (dotted)."""
-    from .records import portable_paths
+    from .records import portable_paths, without_keys
 
-    config = portable_paths(config)
-    for dotted in after_training:
-        *parents, last = dotted.split(".")
-        node = config
-        for key in parents:
-            node = node.get(key) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            node.pop(last, None)
-    return config
+    return without_keys(portable_paths(config), after_training)
 
 
 def _write_atomically(path: Path, text: str) -> None:

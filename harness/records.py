@@ -74,7 +74,7 @@ import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -82,7 +82,7 @@ __all__ = [
     "RunRecord", "RunRecorder", "load_records", "hardware_info", "default_run_name", "config_hash", "SCHEMA_VERSION",
     "READABLE_SCHEMA_VERSIONS", "InvalidRecordWarning", "RUN_STATUSES", "FINISHED_STATUSES", "HASH_EXCLUDED_KEYS",
     "RecordLockedError", "RunInterrupted", "run_slug", "skip_finished", "portable_config", "portable_paths",
-    "training_name",
+    "training_name", "without_keys",
 ]  # fmt: skip
 
 SCHEMA_VERSION = 2
@@ -271,9 +271,11 @@ def portable_config(config: dict[str, Any]) -> dict[str, Any]:
     return portable_paths(_without_excluded(config))
 
 
-def _without_excluded(config: dict[str, Any]) -> dict[str, Any]:
+def without_keys(config: dict[str, Any], dotted_keys: Iterable[str]) -> dict[str, Any]:
+    """A copy of ``config`` without the given dotted keys (``"decode"``, ``"data.test_mrs"``); absent ones are
+    ignored."""
     config = copy.deepcopy(config)
-    for dotted in HASH_EXCLUDED_KEYS:
+    for dotted in dotted_keys:
         *parents, last = dotted.split(".")
         node = config
         for key in parents:
@@ -281,6 +283,10 @@ def _without_excluded(config: dict[str, Any]) -> dict[str, Any]:
         if isinstance(node, dict):
             node.pop(last, None)
     return config
+
+
+def _without_excluded(config: dict[str, Any]) -> dict[str, Any]:
+    return without_keys(config, HASH_EXCLUDED_KEYS)
 
 
 def config_hash(
@@ -310,14 +316,7 @@ def training_name(record: "RunRecord", after_training: tuple[str, ...]) -> str:
     leaves the hparam of that name out). Two runs that differ only in those keys share their training, hence their
     checkpoint folder (:func:`harness.checkpoint_folder`): a fix to a decoding setting resumes the finished
     training instead of redoing it."""
-    config = copy.deepcopy(record.config)
-    for dotted in after_training:
-        *parents, last = dotted.split(".")
-        node = config
-        for key in parents:
-            node = node.get(key) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            node.pop(last, None)
+    config = without_keys(record.config, after_training)
     hparams = {k: v for k, v in record.hparams.items() if k not in after_training}
     digest = config_hash(config, record.launch, optimizer=record.optimizer, hparams=hparams, seed=record.seed,
                          tags=record.tags)  # fmt: skip

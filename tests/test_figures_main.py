@@ -207,6 +207,7 @@ def test_experiment_folders_modules_are_found_and_failures_isolated(results, tmp
 
 
 def test_command_line_runs_as_a_script(tmp_path):
+    (tmp_path / "none").mkdir()  # an empty results folder: every product missing
     cmd = [sys.executable, "main_figures/make_figures.py", "--results", str(tmp_path / "none"), "--out",
            str(tmp_path / "out")]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)

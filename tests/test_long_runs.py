@@ -307,7 +307,10 @@ def test_the_driver_runs_two_halves_then_skips_finished_and_resumes_killed_runs(
     assert set(records) == {1e-2, 1e-3} and all(r.status == "done" for r in records.values())
     # the lr 1e-3 run, as a kill right after its checkpoint at step 2 leaves it
     killed = records[1e-3]
-    checkpoints = tmp_path / "gpt2_e2e" / "checkpoints" / killed.run_name
+    from harness.records import training_name
+
+    gpt2_train = load_module(REPO_ROOT / "GPT-2" / "train.py", "gpt2_train")  # its checkpoints: the training's name
+    checkpoints = tmp_path / "gpt2_e2e" / "checkpoints" / training_name(killed, gpt2_train.AFTER_TRAINING)
     assert (checkpoints / "step-2" / MANIFEST).is_file()
     for path in (checkpoints / "step-3").iterdir():
         path.unlink()
