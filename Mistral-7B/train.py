@@ -35,7 +35,7 @@ from glue_metrics import compute_metrics_fn, primary_metric  # noqa: E402
 
 from core import NonFiniteGradientError, trainer_optimizer  # noqa: E402
 from harness import (  # noqa: E402
-    RecorderCallback, Rule, RunRecorder, TrainerCheckpoints, build_optimizer, check_launch, check_settings,
+    RUN_RULES, RecorderCallback, Rule, RunRecorder, TrainerCheckpoints, build_optimizer, check_launch, check_settings,
     checkpoint_folder, is_local_path, launch_info, needs_cpu_backend, record_tags, require_path,
     require_writable_folder, seed_everything, skip_finished,
 )  # fmt: skip
@@ -61,7 +61,7 @@ def nf4_config():
 
 # Every number and choice this experiment reads, checked before anything is loaded (harness.check_settings).
 SETTINGS = (
-    Rule("seed", "int"), Rule("threads", "int", minimum=1, none=True, none_means="torch's default"),
+    *RUN_RULES,
     Rule("train.batch_size", "int", minimum=1), Rule("train.eval_batch_size", "int", minimum=1),
     Rule("train.grad_accum", "int", minimum=1),
     Rule("train.epochs", "float", above=0),

@@ -25,7 +25,7 @@ from .records import (
 )  # fmt: skip
 from .resolvers import register_resolvers
 from .seeding import seed_everything
-from .settings import TRAINING_RULES, Rule, check_settings
+from .settings import RUN_RULES, TRAINING_RULES, Rule, check_settings
 
 register_resolvers()
 
@@ -37,5 +37,5 @@ __all__ = [
     "make_accelerator", "check_launch", "needs_cpu_backend", "launch_info", "record_tags",
     "Checkpointer", "TrainerCheckpoints", "RunCheckpoints", "ResumableDataset", "checkpoint_folder", "trainable_state",
     "REPO_ROOT", "default_data_root", "require_path", "require_writable_folder", "is_local_path", "register_resolvers",
-    "seed_everything", "load_module", "Rule", "check_settings", "TRAINING_RULES",
+    "seed_everything", "load_module", "Rule", "check_settings", "RUN_RULES", "TRAINING_RULES",
 ]  # fmt: skip

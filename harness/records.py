@@ -454,7 +454,9 @@ class RunRecorder:
         record.run_name = run_name or "_".join([run_slug(optimizer, record.hparams, record.seed, record.tags),
                                                 record.config_hash])
         self.after_training = tuple(after_training)
-        self.training_name = training_name(record, self.after_training) if self.after_training else record.run_name
+        # an explicit run_name names its checkpoints too; a default one leaves the after-training keys out of them
+        self.training_name = (training_name(record, self.after_training) if self.after_training and not run_name
+                              else record.run_name)  # fmt: skip
         self._locate(Path(results_dir) / experiment)
         self._write_path: Path | None = None  # the file this run writes: path, or pending_path (module docstring)
         self._reopened = False

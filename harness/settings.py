@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-__all__ = ["Rule", "check_settings", "setting", "TRAINING_RULES", "check_seed"]
+__all__ = ["Rule", "check_settings", "setting", "RUN_RULES", "TRAINING_RULES"]
 
 _MISSING = object()  # setting(): no default given
 _ABSENT = object()  # check_settings(): the key is not in the config
@@ -118,17 +118,14 @@ def check_settings(cfg: Any, rules: Iterable[Rule]) -> None:
         raise ValueError("bad setting" + ("s" if len(problems) > 1 else "") + ": " + "; ".join(problems))
 
 
-def check_seed(value: Any, key: str = "seed") -> int:
-    """``value`` as the integer seed it must be (a ValueError naming ``key`` otherwise)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{key}={value!r}: must be an integer")
-    return value
-
-
-# The rules every experiment trained by harness.train_loop shares (its keys under train.*).
-TRAINING_RULES = (
+# The rules of every experiment's run: its seed and CPU threads.
+RUN_RULES = (
     Rule("seed", "int"),
     Rule("threads", "int", minimum=1, none=True, none_means="torch's default"),
+)
+# The rules every experiment trained by harness.train_loop shares (its keys under train.*).
+TRAINING_RULES = (
+    *RUN_RULES,
     Rule("train.batch_size", "int", minimum=1),
     Rule("train.grad_clip", "float", above=0, none=True, none_means="no clipping"),
 )
