@@ -179,6 +179,7 @@ class _LoraOptimizer(torch.optim.Optimizer):
         self._hyperparameters = tuple(defaults)  # this class's; others may add to self.defaults (accelerate does)
         self._unheld: weakref.ref | None = None  # the module whose unheld gradients step() warns of, once
         self._unheld_params: list | None = None  # its parameters this optimizer does not hold
+        self._materialised = False  # whether every parameter was found off the meta device
         self._workspaces: dict[int, Workspace] = {}  # per group, the batched preconditioner's (see core._workspace)
         self._pair_shapes: dict[int, list] = {}  # per group, the factor shapes last checked to chain
         params = list(params)
@@ -217,6 +218,7 @@ class _LoraOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         self._workspaces, self._pair_shapes = {}, {}
         self._unheld, self._unheld_params = None, None  # a copy watches no model: a weak reference does not copy
+        self._materialised = False
 
     def watch_unheld_gradients(self, module: nn.Module) -> None:
         """Warn once, at :meth:`step`, when a parameter of ``module`` that this optimizer does not hold has a
@@ -249,8 +251,20 @@ class _LoraOptimizer(torch.optim.Optimizer):
                           UnheldGradientWarning, stacklevel=3)  # fmt: skip
             self._unheld, self._unheld_params = None, None  # once
 
+    def _check_materialised(self) -> None:
+        """Refuse parameters on the meta device (no data) by name; once none is, later steps skip the check (a
+        materialised parameter does not go back to meta)."""
+        for gi, group in enumerate(self.param_groups):
+            for p, name in zip(group["params"], group["param_names"]):
+                if p.is_meta:
+                    raise ValueError(f"parameter group {gi}, parameter '{name}' is on the meta device (no data): "
+                                     "materialise the model before stepping (e.g. model.to_empty(device=...) and "
+                                     "load its weights)")  # fmt: skip
+        self._materialised = True
+
     def add_param_group(self, param_group: dict) -> None:
         index = len(self.param_groups)
+        self._materialised = False  # the new group's parameters are checked at the next step
         if not isinstance(param_group, dict):
             raise TypeError(f"a parameter group is a dict, got {type(param_group).__name__}")
         unknown = sorted(set(param_group) - set(self.defaults) - self._GROUP_EXTRA_KEYS)
@@ -493,12 +507,8 @@ class _LoraOptimizer(torch.optim.Optimizer):
                 loss = closure()
         if self._unheld is not None:
             self._warn_unheld_gradients()
-        for gi, group in enumerate(self.param_groups):
-            for p, name in zip(group["params"], group["param_names"]):
-                if p.is_meta:
-                    raise ValueError(f"parameter group {gi}, parameter '{name}' is on the meta device (no data): "
-                                     "materialise the model before stepping (e.g. model.to_empty(device=...) and "
-                                     "load its weights)")  # fmt: skip
+        if not self._materialised:
+            self._check_materialised()
         sums: list[Tensor] | None = [] if self.check_finite else None
         steps = [self._prepare(gi, group, sums) for gi, group in enumerate(self.param_groups)]
         if sums:

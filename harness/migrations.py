@@ -19,6 +19,9 @@ import warnings
 from typing import Any
 
 from .records import RunRecord, default_run_name, portable_paths
+from .settings import setting
+
+_ABSENT = object()  # a key the config lacks
 
 __all__ = ["ADDED_CONFIG_KEYS", "DuplicateRecordWarning", "LEGACY_CONFIG_KEYS", "migrate_config",
            "one_per_configuration", "run_identity"]
@@ -82,7 +85,7 @@ def migrate_config(experiment: str, config: dict[str, Any], tags: dict[str, Any]
             _put(config, new, (values or {}).get(value, value) if isinstance(value, str) else value)
     if legacy:  # the layout of before these renames: it also lacked the later keys
         for where, dotted, value in ADDED_CONFIG_KEYS:
-            if where == experiment and not _pop(json.loads(json.dumps(config)), dotted)[0]:
+            if where == experiment and setting(config, dotted, default=_ABSENT) is _ABSENT:
                 _put(config, dotted, value)
         if tags and "tags" not in config:
             config["tags"] = json.loads(json.dumps(tags))
